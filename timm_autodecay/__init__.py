@@ -1,0 +1,14 @@
+"""AutoDecay: decay the learning rate when the training loss says a learning stage has ended."""
+from .detector import Decision, StageDetector
+
+__all__ = ["AutoDecayLR", "Decision", "StageDetector"]
+__version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # torch is imported only when the PyTorch face is asked for: the detector stays framework-free.
+    if name == "AutoDecayLR":
+        from .torch_scheduler import AutoDecayLR
+
+        return AutoDecayLR
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
