@@ -21,7 +21,9 @@ decrease (``t < significance``), or the decrease is confidently small (``drop`` 
 that any tiny slope is significant). Both are ratios of loss differences, so a loss of 7.0 behaves
 exactly like one of 0.07. The condition must hold without a break for ``patience`` updates, and is
 only looked at once the stage is a whole window old: the sharp drop right after a decay is a
-strong, significant decrease and cannot end a stage.
+strong, significant decrease and cannot end a stage. The first stage starts from random weights,
+not from a plateau: its loss has a long tail, and the wander of the highest learning rate fakes
+short plateaus, so its plateau must also last ``first_stage_patience`` of the stage's age.
 
 On a plateau the detector answers ``decay``, or ``finish`` in the last stage. With a budget
 (``total_updates``), no stage may outlast its share ``(total_updates - warmup_updates) / num_stages``
@@ -34,6 +36,8 @@ Defaults and why
   two epochs; without either, 500 updates. Long enough for a slope to stand out of SGD noise,
   short enough to notice a plateau well before the milestone.
 * ``patience``: 0.4 windows, so one lucky window cannot end a stage.
+* ``first_stage_patience``: a quarter of the first stage's age (a plateau first seen at epoch 8
+  must hold until epoch 10). Ending the first stage early costs the most accuracy.
 * ``significance``: 1.0 standard error (about 84% one-sided): "no evidence of decrease".
 * ``min_relative_drop``: 1% per window: a loss falling slower than that does not matter.
 * ``min_points``: 8 buckets in a window at least, for a meaningful noise estimate; coarser observations
@@ -64,6 +68,7 @@ SETTINGS: Dict[str, Tuple[type, Any, str]] = {
     "significance": (float, 1.0, "standard errors of decrease needed to keep a stage going"),
     "min_relative_drop": (float, 0.01, "relative decrease per window below which a stage has ended"),
     "min_points": (int, 8, "fewest buckets a window may hold"),
+    "first_stage_patience": (float, 0.25, "the first plateau must also last this fraction of the stage's age"),
 }
 
 
@@ -139,6 +144,7 @@ class StageDetector:
         significance: float = 1.0,
         min_relative_drop: float = 0.01,
         min_points: int = 8,
+        first_stage_patience: float = 0.25,
     ):
         self.num_stages = _check_int("num_stages", num_stages, 1)
         self.total_updates = _check_int("total_updates", total_updates, 1, allow_none=True)
@@ -147,6 +153,7 @@ class StageDetector:
         self.significance = _check_float("significance", significance, 0.0)
         self.min_relative_drop = _check_float("min_relative_drop", min_relative_drop, 0.0, 1.0)
         self.min_points = _check_int("min_points", min_points, 3)
+        self.first_stage_patience = _check_float("first_stage_patience", first_stage_patience, 0.0)
         if self.total_updates is not None:
             if self.warmup_updates >= self.total_updates:
                 raise ValueError(
@@ -268,9 +275,14 @@ class StageDetector:
             return Decision("continue", self.stage, self.update, "", evidence)
         if self._plateau_since is None:
             self._plateau_since = self.update
-        if self.update - self._plateau_since < self.patience:
+        if self.update - self._plateau_since < self._required_patience():
             return Decision("continue", self.stage, self.update, "", evidence)
         return self._end_stage("plateau", evidence)
+
+    def _required_patience(self) -> float:
+        if self.stage > 0:
+            return self.patience
+        return max(self.patience, self.first_stage_patience * (self._plateau_since - self.stage_start))
 
     def _end_stage(self, reason: str, evidence: Dict[str, float]) -> Decision:
         last = self.stage == self.num_stages - 1

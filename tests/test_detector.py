@@ -1,0 +1,183 @@
+"""The stage detector's decisions on loss streams with known stage ends, and its contracts."""
+import json
+import math
+
+import pytest
+from hypothesis import assume, given, settings, strategies as st
+
+from loss_curves import noisy_series, run_closed_loop, stage_loss
+from timm_autodecay import StageDetector
+
+BUDGET = 30_000  # three stage shares of 10_000 updates; default window 2_000, patience 800
+
+
+def feed(detector, values):
+    """(index, action, stage) of each decision, stopping at "finish" as training would."""
+    decisions = []
+    for index, value in enumerate(values):
+        decision = detector.observe(value)
+        if decision.changed:
+            decisions.append((index, decision.action, decision.stage))
+        if detector.finished:
+            break
+    return decisions
+
+
+@pytest.mark.parametrize("tau", [100, 300])
+@pytest.mark.parametrize("noise", [0.02, 0.1, 0.3])
+@pytest.mark.parametrize("scale", [0.01, 100.0])
+def test_each_stage_ends_on_its_plateau_not_in_its_sharp_drop(tau, noise, scale):
+    detector = StageDetector(total_updates=BUDGET)
+    decisions, ages = run_closed_loop(detector, tau, noise, scale)
+    assert [d.action for d in decisions] == ["decay", "decay", "finish"]
+    assert [d.reason for d in decisions] == ["plateau"] * 3
+    for stage, age in enumerate(ages):
+        assert age >= detector.window + detector.patience  # the drop after a decay never ends a stage
+        assert age < BUDGET / 3  # and the plateau was seen before the milestone
+        remaining = stage_loss(stage, age, tau) - stage_loss(stage, math.inf, tau)
+        assert remaining < 0.01 * stage_loss(stage, math.inf, tau)  # the loss had flattened
+
+
+@pytest.mark.parametrize("noise", [0.02, 0.3])
+def test_a_loss_that_keeps_falling_falls_back_to_step_decay_milestones(noise):
+    detector = StageDetector(total_updates=BUDGET)
+    decisions, _ = run_closed_loop(detector, tau=3000, noise=noise)
+    assert [(d.update, d.action, d.reason) for d in decisions] == [
+        (10_000, "decay", "budget"),
+        (20_000, "decay", "budget"),
+        (30_000, "finish", "budget"),
+    ]
+
+
+def test_without_budget_only_plateaus_end_stages():
+    detector = StageDetector(updates_per_epoch=100)
+    assert detector.window == 200
+    decisions, _ = run_closed_loop(detector, tau=30, noise=0.1)
+    assert [(d.action, d.reason) for d in decisions] == [("decay", "plateau")] * 2 + [("finish", "plateau")]
+
+
+def test_noisy_series_with_one_plateau_decays_once_then_would_finish_later():
+    values = noisy_series(9_000, noise=0.2, tau=200)
+    decisions = feed(StageDetector(total_updates=BUDGET), values)
+    assert decisions and decisions[0][1:] == ("decay", 1)
+    assert 2_800 <= decisions[0][0] < 10_000
+
+
+def test_warmup_updates_are_not_judged():
+    values = [5.0] * 1000 + noisy_series(9000, tau=100)
+    detector = StageDetector(total_updates=10_000, num_stages=1, warmup_updates=1000)
+    decisions = feed(detector, values)
+    assert decisions[0][0] >= 1000 + detector.window  # the flat warmup did not count as a plateau
+    assert detector.stage_budget == 9000
+
+
+# -- scale invariance, determinism, bounded state ---------------------------------------------
+streams = st.lists(st.floats(0.05, 5.0), min_size=50, max_size=400)
+
+
+@settings(max_examples=60, deadline=None)
+@given(values=streams, exponent=st.integers(-20, 20), window=st.integers(10, 60))
+def test_rescaling_the_loss_changes_no_decision(values, exponent, window):
+    factor = 2.0**exponent  # exact in floating point, so any difference is the detector's
+    make = lambda: StageDetector(num_stages=4, window=window, patience=window // 4, total_updates=600)
+    assert feed(make(), values) == feed(make(), [v * factor for v in values])
+
+
+@settings(max_examples=30, deadline=None)
+@given(values=streams)
+def test_same_input_same_decisions(values):
+    make = lambda: StageDetector(num_stages=4, window=20, total_updates=500)
+    assert feed(make(), values) == feed(make(), list(values))
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    values=st.lists(st.floats(0.1, 3.0), min_size=30, max_size=200),
+    bad=st.lists(st.sampled_from([math.nan, math.inf, -math.inf]), min_size=1, max_size=5),
+)
+def test_non_finite_losses_never_decide_nor_corrupt(values, bad):
+    detector = StageDetector(num_stages=3, window=20, total_updates=400)
+    feed(detector, values)
+    assume(not detector.finished)
+    for value in bad:
+        assert detector.observe(value).action == "continue"
+    assert detector.nonfinite_updates == len(bad)
+    assert json.dumps(detector.state_dict())  # still serialisable: no NaN entered the window
+    assert all(math.isfinite(p[1]) for p in detector.state_dict()["points"])
+
+
+def test_a_window_of_only_non_finite_losses_raises():
+    detector = StageDetector(window=50)
+    for _ in range(49):
+        detector.observe(math.nan)
+    with pytest.raises(FloatingPointError, match="non-finite"):
+        detector.observe(math.nan)
+
+
+def test_state_size_does_not_grow_with_run_length():
+    detector = StageDetector(window=200, num_stages=1)
+    sizes = {}
+    for n in range(1, 200_001):
+        detector.observe(math.exp(-n / 10_000) * (1 + 0.01 * math.sin(n)))  # 2% per window: never ends
+        if n in (1_000, 200_000):
+            sizes[n] = len(json.dumps(detector.state_dict()))
+    assert not detector.finished
+    assert len(detector.state_dict()["points"]) <= detector.window // detector.bucket_size + 1
+    assert sizes[200_000] <= sizes[1_000] + 20  # a few more digits in the counters, nothing more
+
+
+# -- resume ---------------------------------------------------------------------------------------
+def test_state_round_trip_at_every_cut_point_gives_identical_decisions():
+    values = [stage_loss(min(i // 700, 2), i % 700, 60) * (1 + 0.1 * math.sin(i * 1.7)) for i in range(2100)]
+    make = lambda: StageDetector(num_stages=3, window=100, total_updates=2100)
+    reference = feed(make(), values)
+    assert len(reference) >= 2
+    for cut in range(0, len(values), 7):
+        first = make()
+        head = feed(first, values[:cut])
+        if first.finished:
+            continue
+        state = json.loads(json.dumps(first.state_dict()))
+        resumed = make()
+        resumed.load_state_dict(state)
+        tail = [(i + cut, a, s) for i, a, s in feed(resumed, values[cut:])]
+        assert head + tail == reference, f"cut at {cut}"
+
+
+def test_loading_state_with_other_settings_is_refused():
+    state = StageDetector(window=100).state_dict()
+    with pytest.raises(ValueError, match="window"):
+        StageDetector(window=120).load_state_dict(state)
+
+
+# -- bad settings -----------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "settings, named",
+    [
+        ({"num_stages": 0}, "num_stages"),
+        ({"total_updates": -5}, "-5"),
+        ({"updates_per_epoch": 0}, "updates_per_epoch"),
+        ({"window": 1}, "window"),
+        ({"significance": -1.0}, "significance"),
+        ({"min_relative_drop": 1.5}, "1.5"),
+        ({"num_stages": 2.5}, "2.5"),
+        ({"total_updates": 100, "warmup_updates": 100}, "warmup_updates"),
+    ],
+)
+def test_bad_settings_raise_naming_the_value(settings, named):
+    with pytest.raises(ValueError, match=named):
+        StageDetector(**settings)
+
+
+def test_unknown_setting_is_named():
+    with pytest.raises(ValueError, match="windw"):
+        StageDetector.from_settings({"windw": 10})
+
+
+def test_observing_after_finish_is_an_error():
+    detector = StageDetector(num_stages=1, total_updates=10)
+    for _ in range(10):
+        detector.observe(1.0)
+    assert detector.finished and detector.history[-1]["action"] == "finish"
+    with pytest.raises(RuntimeError, match="ended"):
+        detector.observe(1.0)
