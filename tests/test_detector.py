@@ -101,7 +101,7 @@ def test_non_finite_losses_never_decide_nor_corrupt(values, bad):
     assume(not detector.finished)
     for value in bad:
         assert detector.observe(value).action == "continue"
-    assert detector.nonfinite_updates == len(bad)
+    assert detector.nonfinite_losses == len(bad)
     assert json.dumps(detector.state_dict())  # still serialisable: no NaN entered the window
     assert all(math.isfinite(p[1]) for p in detector.state_dict()["points"])
 

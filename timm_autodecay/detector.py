@@ -46,6 +46,7 @@ Defaults and why
 from __future__ import annotations
 
 import math
+import warnings
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Deque, Dict, List, Optional, Tuple
@@ -181,7 +182,7 @@ class StageDetector:
         self.stage = 0
         self.finished = False
         self.stage_start = self.warmup_updates
-        self.nonfinite_updates = 0
+        self.nonfinite_losses = 0
         self.nonfinite_streak = 0
         self.history: List[Dict[str, Any]] = []
         self._reset_stage()
@@ -219,15 +220,20 @@ class StageDetector:
         return max(1, due)
 
     # -- the decision ------------------------------------------------------------------------
-    def observe(self, value: float, count: int = 1) -> Decision:
-        """Take the mean training loss of the next ``count`` updates; return the decision."""
+    def observe(self, value: float, count: int = 1, nonfinite: int = 0) -> Decision:
+        """Take the mean training loss of the next ``count`` updates; return the decision.
+
+        ``nonfinite``: how many non-finite losses the caller left out of ``value`` (they are
+        counted and reported, never judged)."""
         count = _check_int("count", count, 1)
         if self.finished:
             raise RuntimeError("the last stage has ended; training should have stopped")
         value = float(value)
         self.update += count
         if not math.isfinite(value):
-            return self._observe_nonfinite(value, count)
+            return self._observe_nonfinite(value, count, nonfinite or count)
+        if nonfinite:
+            self._count_nonfinite(nonfinite)
         self.nonfinite_streak = 0
         if self.update <= self.warmup_updates:
             return Decision("continue", self.stage, self.update, "warmup")
@@ -241,8 +247,18 @@ class StageDetector:
             return self._end_stage("budget", {"age": age})
         return self._test_plateau(age)
 
-    def _observe_nonfinite(self, value: float, count: int) -> Decision:
-        self.nonfinite_updates += count
+    def _count_nonfinite(self, losses: int) -> None:
+        if not self.nonfinite_losses:
+            warnings.warn(
+                "AutoDecay is ignoring non-finite training losses: they never end a stage. "
+                "Their count is `nonfinite_losses` in the scheduler's state.",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        self.nonfinite_losses += losses
+
+    def _observe_nonfinite(self, value: float, count: int, losses: int) -> Decision:
+        self._count_nonfinite(losses)
         self.nonfinite_streak += count
         if self.nonfinite_streak >= self.window:
             raise FloatingPointError(
@@ -305,7 +321,7 @@ class StageDetector:
             "stage": self.stage,
             "finished": self.finished,
             "stage_start": self.stage_start,
-            "nonfinite_updates": self.nonfinite_updates,
+            "nonfinite_losses": self.nonfinite_losses,
             "nonfinite_streak": self.nonfinite_streak,
             "history": [dict(h) for h in self.history],
             "bucket_sum": self._bucket_sum,
@@ -323,7 +339,7 @@ class StageDetector:
         self.stage = state["stage"]
         self.finished = state["finished"]
         self.stage_start = state["stage_start"]
-        self.nonfinite_updates = state["nonfinite_updates"]
+        self.nonfinite_losses = state["nonfinite_losses"]
         self.nonfinite_streak = state["nonfinite_streak"]
         self.history = [dict(h) for h in state["history"]]
         self._bucket_sum = state["bucket_sum"]

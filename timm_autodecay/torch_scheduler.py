@@ -1,8 +1,7 @@
 """AutoDecay as a PyTorch LR scheduler: ``sched.step(loss)`` after every ``optimizer.step()``."""
 from __future__ import annotations
 
-import warnings
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
@@ -25,8 +24,8 @@ class LossAccumulator:
     """
 
     def __init__(self) -> None:
-        self._totals: Optional[torch.Tensor] = None  # [sum of finite losses, finite count]
-        self._restored = (0.0, 0.0)  # host-side totals from a checkpoint, added on the next loss
+        self._totals: Optional[torch.Tensor] = None  # [sum of finite losses, finite count, count]
+        self._restored = (0.0, 0.0, 0.0)  # host-side totals from a checkpoint, added on the next loss
         self.updates = 0
 
     def add(self, loss: Union[float, torch.Tensor]) -> None:
@@ -35,35 +34,38 @@ class LossAccumulator:
             raise ValueError(f"loss must be a scalar (0-dim tensor or float), got shape {tuple(loss.shape)}")
         loss = loss.reshape(()).to(torch.float64 if loss.device.type == "cpu" else torch.float32)
         finite = torch.isfinite(loss)
-        contribution = torch.stack([torch.where(finite, loss, torch.zeros_like(loss)), finite.to(loss.dtype)])
+        contribution = torch.stack(
+            [torch.where(finite, loss, torch.zeros_like(loss)), finite.to(loss.dtype), torch.ones_like(loss)]
+        )
         if self._totals is None:
             self._totals = contribution
-            if self._restored != (0.0, 0.0):
+            if any(self._restored):
                 self._totals = contribution + torch.tensor(self._restored, dtype=loss.dtype).to(loss.device)
-                self._restored = (0.0, 0.0)
+                self._restored = (0.0, 0.0, 0.0)
         else:
             self._totals += contribution
         self.updates += 1
 
-    def read_mean(self) -> float:
-        """Mean finite loss since the last read (over all ranks); NaN if there was none."""
+    def read(self) -> Tuple[float, int]:
+        """Mean finite loss since the last read over all ranks (NaN if there was none), and how
+        many non-finite losses (all ranks together) were left out."""
         totals = self._totals
         if dist.is_available() and dist.is_initialized():
             totals = totals.clone()
             dist.all_reduce(totals)
-        loss_sum, finite = totals.tolist()
+        loss_sum, finite, count = totals.tolist()
         self._totals, self.updates = None, 0
-        return loss_sum / finite if finite > 0 else float("nan")
+        return (loss_sum / finite if finite > 0 else float("nan")), int(round(count - finite))
 
     def state_dict(self) -> Dict[str, float]:
         """This rank's unread totals, without any collective: a checkpoint may be written by one
         rank only."""
-        loss_sum, finite = self._totals.tolist() if self._totals is not None else self._restored
-        return {"sum": loss_sum, "finite": finite, "updates": self.updates}
+        loss_sum, finite, count = self._totals.tolist() if self._totals is not None else self._restored
+        return {"sum": loss_sum, "finite": finite, "count": count, "updates": self.updates}
 
     def load_state_dict(self, state: Dict[str, float]) -> None:
         self._totals = None
-        self._restored = (float(state["sum"]), float(state["finite"]))
+        self._restored = (float(state["sum"]), float(state["finite"]), float(state["count"]))
         self.updates = int(state["updates"])
 
 
@@ -102,7 +104,6 @@ class AutoDecayLR(LRScheduler):
         )
         self.accumulator = LossAccumulator()
         self.last_decision: Optional[Decision] = None
-        self._warned_nonfinite = False
         super().__init__(optimizer)
 
     # -- LRScheduler interface ---------------------------------------------------------------
@@ -128,9 +129,9 @@ class AutoDecayLR(LRScheduler):
         if self.accumulator.updates < self.detector.next_observation_in:
             return
         count = self.accumulator.updates
-        decision = self.detector.observe(self.accumulator.read_mean(), count)
+        mean, nonfinite = self.accumulator.read()
+        decision = self.detector.observe(mean, count, nonfinite)
         self.last_decision = decision
-        self._warn_once_on_nonfinite()
         if decision.action == "decay":
             self._apply_lr()
 
@@ -138,16 +139,6 @@ class AutoDecayLR(LRScheduler):
         for group, lr in zip(self.optimizer.param_groups, self.get_lr()):
             group["lr"] = lr
         self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
-
-    def _warn_once_on_nonfinite(self) -> None:
-        if self.detector.nonfinite_updates and not self._warned_nonfinite:
-            self._warned_nonfinite = True
-            warnings.warn(
-                f"AutoDecay ignored non-finite training losses ({self.detector.nonfinite_updates} "
-                "update(s) so far); they never trigger a decay. The count is in state_dict().",
-                RuntimeWarning,
-                stacklevel=3,
-            )
 
     # -- what users look at ------------------------------------------------------------------
     @property

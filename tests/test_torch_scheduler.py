@@ -1,0 +1,161 @@
+"""AutoDecayLR: what a PyTorch user relies on."""
+import math
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from loss_curves import stage_loss
+from timm_autodecay import AutoDecayLR, StageDetector
+from timm_autodecay.torch_scheduler import LossAccumulator
+
+SETTINGS = dict(num_stages=3, total_updates=3000, window=100)
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return str(probe.getsockname()[1])
+
+
+def make_optimizer(lrs=(0.1, 0.02)):
+    groups = [{"params": [torch.nn.Parameter(torch.zeros(2))], "lr": lr} for lr in lrs]
+    return torch.optim.SGD(groups, lr=lrs[0], momentum=0.9)
+
+
+def stepped_losses(n=3000, tau=40):
+    """Per-update losses that plateau quickly in every stage (stage follows the update count)."""
+    return [stage_loss(min(i // 500, 2), i % 500, tau) * (1 + 0.05 * math.sin(1.3 * i)) for i in range(n)]
+
+
+def run(sched, optimizer, losses, as_tensor=True):
+    lrs = []
+    for loss in losses:
+        optimizer.step()
+        sched.step(torch.tensor(loss) if as_tensor else loss)
+        lrs.append([group["lr"] for group in optimizer.param_groups])
+        if sched.finished:
+            break
+    return lrs
+
+
+def test_decays_scale_every_group_alike_and_match_the_detector():
+    optimizer = make_optimizer()
+    sched = AutoDecayLR(optimizer, **SETTINGS)
+    losses = stepped_losses()
+    lrs = run(sched, optimizer, losses)
+    detector = StageDetector(**SETTINGS)
+    expected = [(d.update, d.action) for v in losses if not detector.finished and (d := detector.observe(v)).changed]
+    assert [(h["update"], h["action"]) for h in sched.history] == expected
+    assert [h["action"] for h in sched.history] == ["decay", "decay", "finish"]
+    first, second = sched.history[0]["update"], sched.history[1]["update"]
+    assert lrs[first - 2] == [0.1, 0.02] and lrs[first - 1] == pytest.approx([0.01, 0.002])
+    assert lrs[second - 1] == pytest.approx([0.001, 0.0002])  # relative LRs kept
+    assert sched.finished and sched.stage == 2 and len(lrs) == sched.history[-1]["update"]
+    assert sched.get_last_lr() == pytest.approx([0.001, 0.0002])
+
+
+def test_floats_and_tensors_give_the_same_schedule():
+    losses = stepped_losses()
+    by_tensor = run(AutoDecayLR(opt := make_optimizer(), **SETTINGS), opt, losses)
+    by_float = run(AutoDecayLR(opt := make_optimizer(), **SETTINGS), opt, losses, as_tensor=False)
+    assert by_tensor == by_float
+
+
+def test_losses_are_read_back_once_per_bucket_not_per_update(monkeypatch):
+    reads = []
+    original = LossAccumulator.read
+    monkeypatch.setattr(LossAccumulator, "read", lambda self: reads.append(1) or original(self))
+    optimizer = make_optimizer()
+    sched = AutoDecayLR(optimizer, **SETTINGS)
+    updates = len(run(sched, optimizer, stepped_losses()))
+    assert sched.detector.bucket_size == 4
+    assert len(reads) <= updates / sched.detector.bucket_size + 3
+
+
+def test_resume_mid_bucket_gives_identical_lrs_and_decisions(tmp_path):
+    losses = stepped_losses()
+    optimizer = make_optimizer()
+    reference = run(AutoDecayLR(optimizer, **SETTINGS), optimizer, losses)
+    assert len(reference) >= 900
+    for cut in (1, 250, 503, len(reference) // 2 + 1, len(reference) - 3):
+        optimizer = make_optimizer()
+        sched = AutoDecayLR(optimizer, **SETTINGS)
+        head = run(sched, optimizer, losses[:cut])
+        checkpoint = {"optimizer": optimizer.state_dict(), "scheduler": sched.state_dict()}
+        path = tmp_path / "checkpoint.pt"
+        torch.save(checkpoint, path)
+        restored = torch.load(path, weights_only=True)
+        optimizer = make_optimizer()
+        optimizer.load_state_dict(restored["optimizer"])
+        sched = AutoDecayLR(optimizer, **SETTINGS)
+        sched.load_state_dict(restored["scheduler"])
+        assert head + run(sched, optimizer, losses[cut:]) == reference, f"resumed at update {cut}"
+
+
+def test_non_finite_losses_warn_once_are_counted_and_never_decay():
+    optimizer = make_optimizer()
+    sched = AutoDecayLR(optimizer, **SETTINGS)
+    with pytest.warns(RuntimeWarning, match="non-finite") as caught:
+        run(sched, optimizer, [2.0, float("nan"), 2.0, 2.0] * 10 + [float("inf")] * 4)
+    assert len([w for w in caught if "non-finite" in str(w.message)]) == 1
+    assert sched.state_dict()["detector"]["nonfinite_losses"] == 14
+    assert sched.stage == 0
+
+
+def test_a_run_of_only_non_finite_losses_raises():
+    optimizer = make_optimizer()
+    sched = AutoDecayLR(optimizer, **SETTINGS)
+    with pytest.raises(FloatingPointError, match="non-finite"), pytest.warns(RuntimeWarning):
+        run(sched, optimizer, [float("nan")] * 200)
+
+
+@pytest.mark.parametrize(
+    "kwargs, named",
+    [
+        ({"decay_rate": 0.0}, "decay_rate"),
+        ({"decay_rate": 1.0}, "1.0"),
+        ({"decay_rate": -0.5}, "-0.5"),
+        ({"num_stages": 0}, "num_stages"),
+        ({"total_updates": -1}, "total_updates"),
+        ({"updates_per_epoch": -125}, "-125"),
+        ({"window": 0}, "window"),
+    ],
+)
+def test_bad_settings_raise_value_error_naming_the_value(kwargs, named):
+    with pytest.raises(ValueError, match=named):
+        AutoDecayLR(make_optimizer(), **kwargs)
+
+
+def test_an_optimizer_without_lr_is_refused():
+    class NoLr(torch.optim.Optimizer):
+        def __init__(self, params):
+            super().__init__(params, defaults={})
+
+        def step(self, closure=None):
+            pass
+
+    with pytest.raises(ValueError, match="'lr'"):
+        AutoDecayLR(NoLr([torch.nn.Parameter(torch.zeros(1))]))
+
+
+def test_step_without_a_loss_is_an_error():
+    sched = AutoDecayLR(make_optimizer())
+    with pytest.raises(TypeError, match="loss"):
+        sched.step()
+
+
+def test_ranks_seeing_different_losses_hold_identical_lrs_at_every_update(tmp_path):
+    worker = Path(__file__).with_name("distributed_worker.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OUT_DIR": str(tmp_path)}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port()]
+    subprocess.run([*command, str(worker)], env=env, check=True, timeout=180)
+    rank0 = (tmp_path / "lrs_rank0.txt").read_text()
+    rank1 = (tmp_path / "lrs_rank1.txt").read_text()
+    assert rank0 == rank1
+    lrs = [float(line.split()[1]) for line in rank0.splitlines()]
+    assert len(set(lrs)) == 3  # both decays happened, at the same update on both ranks
