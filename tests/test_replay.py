@@ -213,7 +213,7 @@ def test_cli_has_a_flag_for_every_detector_setting(tmp_path, capsys):
     path = write_json(tmp_path / "losses.json", falling(50))
     given = {"num_stages": 2, "total_updates": 400, "updates_per_epoch": 20, "warmup_updates": 5,
              "window": 40, "patience": 7, "significance": 2.0, "min_relative_drop": 0.05,
-             "min_points": 4}
+             "min_points": 4, "first_stage_patience": 0.5}
     assert set(given) == set(StageDetector.SETTINGS), "a new setting: add it to this test"
     argv = [x for name, value in given.items() for x in ("--" + name.replace("_", "-"), value)]
     code, out, err = run_cli(capsys, "replay", path, *argv)
@@ -335,6 +335,7 @@ def test_non_finite_losses_reach_the_detector_and_a_diverged_run_is_an_error(tmp
     values = load_series(path).values
     assert values[0] == 3.0 and math.isnan(values[1]) and values[2] == math.inf
     diverged = write_json(tmp_path / "diverged.json", falling(20) + [math.nan] * 100)
-    code, out, err = run_cli(capsys, "replay", diverged, "--window", 50)
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        code, out, err = run_cli(capsys, "replay", diverged, "--window", 50)
     assert code == 2 and out == ""
     assert err.startswith(f"timm-autodecay: error: {diverged}: ") and "non-finite" in err

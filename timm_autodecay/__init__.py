@@ -1,12 +1,15 @@
 """AutoDecay: decay the learning rate when the training loss says a learning stage has ended."""
-from .detector import Decision, StageDetector
-
 __all__ = ["AutoDecayLR", "Decision", "StageDetector"]
 __version__ = "0.1.0"
 
 
 def __getattr__(name):
-    # torch is imported only when the PyTorch face is asked for: the detector stays framework-free.
+    # Lazy: the timm hook imports this package at every interpreter start-up, and torch is imported
+    # only when the PyTorch face is asked for (the detector stays framework-free).
+    if name in ("Decision", "StageDetector"):
+        from . import detector
+
+        return getattr(detector, name)
     if name == "AutoDecayLR":
         from .torch_scheduler import AutoDecayLR
 

@@ -208,7 +208,6 @@ class AutoDecayScheduler(Scheduler):
         self._saved: Optional[Dict[str, Any]] = None  # autodecay_state.json's entries, once read
         self._stop_armed = False
         self._stop_handle = None
-        self._warned_nonfinite = False
         self._device = next(
             (p.device for group in optimizer.param_groups for p in group["params"]), torch.device("cpu"))
 
@@ -315,14 +314,9 @@ class AutoDecayScheduler(Scheduler):
 
     def _observe(self) -> None:
         count = self.accumulator.updates
-        decision = self.detector.observe(self.accumulator.read_mean(), count)
+        mean, nonfinite = self.accumulator.read()  # over all ranks
+        decision = self.detector.observe(mean, count, nonfinite)
         self.last_decision = decision
-        if self.detector.nonfinite_updates and not self._warned_nonfinite:
-            self._warned_nonfinite = True
-            if _is_primary():
-                _logger.warning(
-                    f"AutoDecay ignored non-finite training losses ({self.detector.nonfinite_updates} "
-                    "update(s) so far); they never trigger a decay")
         if decision.changed and _is_primary():
             epoch = decision.update / self.updates_per_epoch
             if decision.action == "decay":
@@ -335,7 +329,9 @@ class AutoDecayScheduler(Scheduler):
                 _logger.info(
                     f"AutoDecay: the last stage ({decision.stage}) ended at update {decision.update} "
                     f"(epoch {epoch:.2f}, {decision.reason})"
-                    + ("; training ends at the end of this epoch" if self.end_training else ""))
+                    + (("; training ends at the end of this epoch" if self.end_interval == 1 else
+                        f"; training ends at the next epoch boundary that is a multiple of {self.end_interval}")
+                       if self.end_training else ""))
 
     # -- the end -----------------------------------------------------------------------------
     def _arm_stop(self, t: int) -> None:
@@ -396,7 +392,11 @@ class AutoDecayScheduler(Scheduler):
         try:
             self.detector.load_state_dict(state_dict["detector"])
         except ValueError as error:
-            raise ValueError(f"AutoDecay: {error}") from None
+            raise ValueError(str(error) if str(error).startswith("AutoDecay") else f"AutoDecay: {error}") from None
+        if len(state_dict["base_values"]) != len(self.base_values):
+            raise ValueError(
+                f"AutoDecay: the optimizer has {len(self.base_values)} param groups but the saved state "
+                f"{len(state_dict['base_values'])}")
         self.num_updates = state_dict["num_updates"]
         self._running_mean = state_dict["running_mean"]
         self.accumulator.load_state_dict(state_dict["pending_losses"])
