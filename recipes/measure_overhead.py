@@ -1,4 +1,5 @@
-"""What AutoDecay costs: `AutoDecayLR.step(loss)` per update against one training step.
+"""What AutoDecay costs: `AutoDecayLR.step(loss)` and the timm scheduler's `step_update` per update,
+against one training step.
 
     python recipes/measure_overhead.py [--updates 20000] [--train_steps 300]
 
@@ -6,6 +7,9 @@ Prints one JSON object:
 - the median (and mean) microseconds of `sched.step(loss)` with a 0-dim CPU tensor loss, in the
   reference benchmark's shape (125 updates per epoch, a 3750-update budget; a scheduler whose run
   has finished is replaced by a fresh one, so every timed call is a live one);
+- the same for `AutoDecayScheduler.step_update(num_updates, metric)` (the timm face), driven as timm's
+  train.py drives it: the metric is the epoch's running mean loss (a float, `losses_m.avg`), and
+  `step(epoch + 1)` at each epoch's end (not timed); no state folder, so nothing is written;
 - the median microseconds of one training step of the benchmark model (batch 64, one thread) and
   the scheduler's cost as a percentage of it;
 - the length of `json.dumps(sched.state_dict())` after 1k and 100k updates of a run without a
@@ -55,6 +59,31 @@ def time_scheduler_steps(updates: int) -> list[float]:
     return timings
 
 
+def time_timm_step_updates(updates: int) -> list[float]:
+    """Microseconds of each of `updates` calls to `AutoDecayScheduler.step_update(n, running_mean)`."""
+    from timm_autodecay.timm_scheduler import AutoDecayScheduler
+
+    def fresh():
+        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+        return AutoDecayScheduler(optimizer, updates_per_epoch=UPDATES_PER_EPOCH,
+                                  t_initial=TOTAL_UPDATES // UPDATES_PER_EPOCH)
+
+    losses = [float(loss) for loss in falling_losses(updates)]
+    sched, timings, n, running = fresh(), [], 0, 0.0
+    for loss in losses:
+        if sched.finished and n % UPDATES_PER_EPOCH == 0:
+            sched, n = fresh(), 0
+        n += 1
+        k = (n - 1) % UPDATES_PER_EPOCH + 1
+        running = loss if k == 1 else running + (loss - running) / k
+        start = time.perf_counter_ns()
+        sched.step_update(num_updates=n, metric=running)
+        timings.append((time.perf_counter_ns() - start) / 1e3)
+        if k == UPDATES_PER_EPOCH:
+            sched.step(n // UPDATES_PER_EPOCH)
+    return timings
+
+
 def time_training_steps(steps: int, warmup: int = 20) -> list[float]:
     """Microseconds of each of `steps` SGD steps (forward, backward, update) of the benchmark model."""
     cfg = TrainConfig()
@@ -93,12 +122,16 @@ def main():
     torch.set_num_threads(1)
 
     scheduler_us = time_scheduler_steps(args.updates)
+    timm_us = time_timm_step_updates(args.updates)
     train_step_us = statistics.median(time_training_steps(args.train_steps))
     report = {
         "autodecay_step_us_median": statistics.median(scheduler_us),
         "autodecay_step_us_mean": statistics.mean(scheduler_us),
+        "timm_step_update_us_median": statistics.median(timm_us),
+        "timm_step_update_us_mean": statistics.mean(timm_us),
         "train_step_us_median": train_step_us,
         "overhead_percent_of_train_step": 100.0 * statistics.median(scheduler_us) / train_step_us,
+        "timm_overhead_percent_of_train_step": 100.0 * statistics.median(timm_us) / train_step_us,
         "updates_timed": args.updates,
         **state_sizes(),
     }
