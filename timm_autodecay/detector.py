@@ -125,6 +125,26 @@ def fit_trend(points: List[Tuple[float, float, float]]) -> Tuple[float, float, f
     return slope, math.sqrt(variance * (1 + rho) / (1 - rho)), y_mean
 
 
+class FollowsDetector:
+    """What every adapter shows of its ``self.detector``: the stage, whether the run is over, and
+    the transitions so far."""
+
+    detector: "StageDetector"
+
+    @property
+    def stage(self) -> int:
+        return self.detector.stage
+
+    @property
+    def finished(self) -> bool:
+        """True once the last learning stage has ended: training should stop."""
+        return self.detector.finished
+
+    @property
+    def history(self) -> List[Dict[str, Any]]:
+        return self.detector.history
+
+
 class StageDetector:
     """Ends each learning stage once the training loss stops decreasing at a rate that matters.
 

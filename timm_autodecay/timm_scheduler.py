@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 from timm.scheduler.scheduler import Scheduler
 
-from .detector import SETTINGS, Decision, StageDetector
+from .detector import Decision, FollowsDetector, SETTINGS, StageDetector
 from .torch_scheduler import LossAccumulator, check_decay_rate
 
 __all__ = [
@@ -104,7 +104,7 @@ def _check_lr(name: str, value: Any) -> float:
     return float(value)
 
 
-class AutoDecayScheduler(Scheduler):
+class AutoDecayScheduler(FollowsDetector, Scheduler):
     """Step decay at the end of each learning stage, as a timm scheduler.
 
     Args:
@@ -210,20 +210,6 @@ class AutoDecayScheduler(Scheduler):
         self._stop_handle = None
         self._device = next(
             (p.device for group in optimizer.param_groups for p in group["params"]), torch.device("cpu"))
-
-    # -- what users look at ------------------------------------------------------------------
-    @property
-    def finished(self) -> bool:
-        """True once the last learning stage has ended (training should stop)."""
-        return self.detector.finished
-
-    @property
-    def stage(self) -> int:
-        return self.detector.stage
-
-    @property
-    def history(self) -> List[Dict[str, Any]]:
-        return self.detector.history
 
     # -- the schedule ------------------------------------------------------------------------
     def _set_warmup_steps(self) -> None:

@@ -7,7 +7,7 @@ import torch
 import torch.distributed as dist
 from torch.optim.lr_scheduler import LRScheduler
 
-from .detector import Decision, StageDetector
+from .detector import Decision, FollowsDetector, StageDetector
 
 
 def check_decay_rate(decay_rate: Any) -> float:
@@ -69,7 +69,7 @@ class LossAccumulator:
         self.updates = int(state["updates"])
 
 
-class AutoDecayLR(LRScheduler):
+class AutoDecayLR(FollowsDetector, LRScheduler):
     """Multiplies every param group's learning rate by ``decay_rate`` when the training loss
     stops decreasing, at most ``num_stages - 1`` times; ``finished`` turns true at the last plateau.
 
@@ -139,19 +139,6 @@ class AutoDecayLR(LRScheduler):
         for group, lr in zip(self.optimizer.param_groups, self.get_lr()):
             group["lr"] = lr
         self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
-
-    # -- what users look at ------------------------------------------------------------------
-    @property
-    def finished(self) -> bool:
-        return self.detector.finished
-
-    @property
-    def stage(self) -> int:
-        return self.detector.stage
-
-    @property
-    def history(self) -> List[Dict[str, Any]]:
-        return self.detector.history
 
     # -- checkpointing -----------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
