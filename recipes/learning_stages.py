@@ -22,7 +22,6 @@ run's folder (`METHOD/seedS/`: metrics.jsonl, summary.json, checkpoints), `summa
 with `method`, `seed`, `decays[j]` = {epoch, loss_ratio, acc_jump_pp, ...}; the table),
 `learning_stages.png` (the paper-style figure) and `learning_stages.md` (the table).
 """
-import json
 import math
 import multiprocessing
 import os
@@ -35,7 +34,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from training import TrainConfig, load_config, make_accelerator, train_run
+from training import TrainConfig, load_config, make_accelerator, train_run, write_study
 
 METHODS = ("sgd_step", "gd_step", "autodecay")
 METHOD_LABELS = {"sgd_step": "SGD, StepDecay", "gd_step": "full-batch GD, StepDecay", "autodecay": "SGD, AutoDecay",
@@ -200,11 +199,7 @@ def main():
         })
     table = results_table(runs, cfg.methods)
     if accelerator.is_main_process:
-        output_dir = Path(cfg.output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        summary = {"runs": runs, "table": table, "config": {f.name: getattr(cfg, f.name) for f in fields(cfg)}}
-        (output_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-        (output_dir / "learning_stages.md").write_text(table + "\n")
+        output_dir = write_study(cfg.output_dir, "learning_stages", runs, table, cfg)
         plot_learning_stages(results, cfg.methods, cfg.epochs, output_dir / "learning_stages.png")
     accelerator.print(table)
     accelerator.print(f"summary.json, learning_stages.png and learning_stages.md in {cfg.output_dir}")

@@ -15,16 +15,15 @@ stage and at `after` epochs into it. Writes into `output_dir`: the runs' folders
 (`runs[i].stages[k]`), `mechanism.md` (the table, mean over seeds) and `mechanism.png` (subset
 accuracies against epoch).
 """
-import json
 import statistics
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
 from matplotlib.figure import Figure
 
 from learning_stages import METHOD_LABELS, LearningStagesConfig, method_config, run_all
-from training import load_config, make_accelerator
+from training import load_config, make_accelerator, write_study
 
 METHODS = ("sgd_step", "gd_step", "constant")
 SUBSETS = ("test_top1", "test_top1_easy_only", "test_top1_complex_only")
@@ -129,11 +128,7 @@ def main():
     } for run in results]
     table = mechanism_table(runs, cfg.methods)
     if accelerator.is_main_process:
-        output_dir = Path(cfg.output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        summary = {"runs": runs, "table": table, "config": {f.name: getattr(cfg, f.name) for f in fields(cfg)}}
-        (output_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
-        (output_dir / "mechanism.md").write_text(table + "\n")
+        output_dir = write_study(cfg.output_dir, "mechanism", runs, table, cfg)
         plot_mechanism(results, cfg.methods, cfg.epochs, output_dir / "mechanism.png")
     accelerator.print(table)
     accelerator.print(f"summary.json, mechanism.md and mechanism.png in {cfg.output_dir}")

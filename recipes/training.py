@@ -14,14 +14,19 @@ Engine: Accelerate (`mixed_precision`, any number of processes, `grad_accum_step
 update, `full_batch` gradient descent over the whole training set), `save_state` into
 `output_dir/checkpoint` every `checkpoint_every` epochs and into `output_dir/stage_ends/stage{k}` when
 stage k (0-based, as `stage` in metrics.jsonl) ends, `resume`, and `log_with: tensorboard`.
+
+Transfer (recipes/transfer.py): `classes` keeps a subset of a generated task's classes (two disjoint
+subsets make a source/target pair), `train_subset` a prefix of its training set, `init_from` starts a
+model from a checkpoint folder (a fresh classifier when the class count differs), and
+`model_from_checkpoint` / `extract_features` give a stage checkpoint's model and its frozen features.
 """
 import argparse
 import contextlib
+import copy
 import dataclasses
 import functools
 import itertools
 import json
-import math
 import os
 import time
 import typing
@@ -283,6 +288,34 @@ MODELS = {"mnist1d_cnn": mnist1d_cnn, "pattern_cnn": pattern_cnn}  # and any tim
 SCHEDULES = ("step", "multistep", "cosine", "plateau", "autodecay", "constant")  # step = multistep
 
 
+def make_task(cfg: "TrainConfig"):
+    """`TASKS[cfg.task]`, restricted to `cfg.classes` (relabelled 0..k-1 in that order) and to the first
+    `cfg.train_subset` training samples when set (generated tasks only)."""
+    task = TASKS[cfg.task](cfg)
+    if not cfg.classes and not cfg.train_subset:
+        return task
+    if isinstance(task, ImageTask):
+        key = "classes" if cfg.classes else "train_subset"
+        raise ConfigError(f"{key}: only for generated tasks ({', '.join(k for k in TASKS if k not in ('hub', 'image_folder'))})")
+    if cfg.classes:
+        bad = [c for c in cfg.classes if not 0 <= c < task.num_classes] or sorted({c for c in cfg.classes if cfg.classes.count(c) > 1})
+        if bad:
+            raise ConfigError(f"classes: invalid value {bad} (distinct classes of 0..{task.num_classes - 1})")
+        relabel = torch.full((task.num_classes,), -1, dtype=torch.long)
+        relabel[cfg.classes] = torch.arange(len(cfg.classes))
+
+        def keep(inputs, targets):
+            mask = relabel[targets] >= 0
+            return inputs[mask], relabel[targets[mask]]
+
+        task = TaskData(*keep(task.train_inputs, task.train_targets), *keep(task.test_inputs, task.test_targets),
+                        len(cfg.classes), {name: keep(*pair) for name, pair in task.extra_tests.items()})
+    if cfg.train_subset:
+        task = dataclasses.replace(task, train_inputs=task.train_inputs[: cfg.train_subset],
+                                   train_targets=task.train_targets[: cfg.train_subset])
+    return task
+
+
 def _check_model(name: str):
     """None when `name` is a built-in model or a timm model, else why not."""
     if name in MODELS or timm.is_model(name):
@@ -300,8 +333,11 @@ class TrainConfig:
     task: str = field(default="mnist1d", metadata={"choices": tuple(TASKS)})
     num_samples: int = 10000  # size of a generated task (train + test)
     data_seed: int = 42  # seed of a generated task; fixed so that runs differ only by `seed`
+    classes: list[int] = field(default_factory=list)  # generated tasks: keep these classes (relabelled 0..k-1)
+    train_subset: int = 0  # generated tasks: keep the first this many training samples (0: all)
     model: str = field(default="mnist1d_cnn", metadata={"check": _check_model})  # MODELS or timm
     pretrained: bool = False  # timm models: start from pretrained weights (needs the Hub or its cache)
+    init_from: str = ""  # start from the model weights of this save_state folder (a fresh classifier if sizes differ)
     epochs: int = 30  # the budget
     batch_size: int = 64
     lr: float = 0.1
@@ -356,7 +392,7 @@ def _bool_from_string(text: str) -> bool:
     return words[text.lower()]
 
 
-_FROM_STRING = {int: int, float: float, bool: _bool_from_string}
+_FROM_STRING = {int: int, float: float, bool: _bool_from_string, dict: yaml.safe_load}  # dict: `{key: value}` on the command line
 
 
 def _convert(key: str, kind: type, value, choices, check=None):
@@ -493,9 +529,93 @@ def make_model_and_optimizer(cfg: TrainConfig, num_classes: int):
         model = MODELS[cfg.model](num_classes)
     else:
         model = timm.create_model(cfg.model, pretrained=cfg.pretrained, num_classes=num_classes)
+    if cfg.init_from:
+        load_model_weights(model, cfg.init_from, "init_from", keep_classifier=False)
     lr = cfg.lr * cfg.batch_size / cfg.lr_reference_batch if cfg.lr_reference_batch else cfg.lr
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     return model, optimizer
+
+
+def classifier(model: nn.Module) -> nn.Linear:
+    """The model's last linear layer: timm's `get_classifier()`, or the last module of a built-in model."""
+    head = model.get_classifier() if hasattr(model, "get_classifier") else list(model.children())[-1]
+    if not isinstance(head, nn.Linear):
+        raise ConfigError(f"model: no linear classifier to replace in {type(model).__name__}")
+    return head
+
+
+def replace_classifier(model: nn.Module, num_classes: int) -> nn.Module:
+    """A fresh classifier for `num_classes` classes (0: none, the model then returns its features)."""
+    if hasattr(model, "reset_classifier"):
+        model.reset_classifier(num_classes)
+    else:
+        in_features = classifier(model).in_features
+        model[-1] = nn.Linear(in_features, num_classes) if num_classes else nn.Identity()
+    return model
+
+
+def load_model_weights(model: nn.Module, folder: str, key: str, keep_classifier: bool = True) -> nn.Module:
+    """Load the model weights of a `save_state` folder (`model.safetensors`, or Accelerate's pickled
+    `pytorch_model.bin`) into `model`. With `keep_classifier=False` a classifier whose size differs from
+    the model's is left as initialised. A missing folder or file is a ConfigError naming `key`."""
+    path = Path(folder)
+    files = [path / "model.safetensors", path / "pytorch_model.bin"]
+    found = next((file for file in files if file.is_file()), None)
+    if found is None:
+        where = "no folder" if not path.is_dir() else f"no {files[0].name} in"
+        raise ConfigError(f"{key}: {where} {str(path)!r} (a checkpoint folder written by accelerator.save_state)")
+    if found.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        state = load_file(str(found))
+    else:
+        state = torch.load(found, map_location="cpu", weights_only=True)
+    for prefix in ("module.", "_orig_mod."):  # saved from a DDP-wrapped or compiled model
+        state = {name.removeprefix(prefix): value for name, value in state.items()}
+    if not keep_classifier:
+        own = model.state_dict()
+        state = {name: value for name, value in state.items() if name not in own or own[name].shape == value.shape}
+    head = classifier(model)
+    head_names = {f"{name}.{param}" for name, module in model.named_modules() if module is head for param, _ in module.named_parameters()}
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as error:  # a tensor of another shape
+        raise ConfigError(f"{key}: the weights in {str(found)!r} do not fit the model: {error}") from error
+    if unexpected or set(missing) - (set() if keep_classifier else head_names):
+        raise ConfigError(f"{key}: the weights in {str(found)!r} do not fit the model (missing {missing}, unexpected {unexpected})")
+    return model
+
+
+def model_from_checkpoint(cfg: "TrainConfig", num_classes: int, folder: str, key: str = "checkpoint") -> nn.Module:
+    """`cfg.model` for `num_classes` classes with the weights of a `save_state` folder (a stage end)."""
+    model, _ = make_model_and_optimizer(dataclasses.replace(cfg, init_from="", pretrained=False), num_classes)
+    return load_model_weights(model, folder, key)
+
+
+@torch.no_grad()
+def extract_features(model: nn.Module, task, cfg: "TrainConfig", device) -> dict:
+    """The frozen features of the model without its classifier (eval mode; images through the eval
+    transform, the training split included): {"train": (features, targets), "test": (features, targets)}."""
+    features_model = replace_classifier(copy.deepcopy(model), 0).to(device).eval()
+    batch_size = cfg.eval_batch_size or min(cfg.batch_size, 1024)
+    if isinstance(task, TaskData):
+        splits = {"train": (task.train_inputs, task.train_targets), "test": (task.test_inputs, task.test_targets)}
+        batches = {name: zip(inputs.split(batch_size), targets.split(batch_size)) for name, (inputs, targets) in splits.items()}
+    else:
+        if task.streaming:
+            raise ConfigError("streaming: the linear probe reads the target's splits whole (streaming: false)")
+        _, eval_transform = image_transforms(cfg)
+        as_eval = _example_transform(eval_transform, cfg.image_column, cfg.label_column)
+        loaders = {"train": task.train.with_transform(as_eval), "test": task.test}
+        batches = {
+            name: ((batch["inputs"], batch["targets"]) for batch in DataLoader(split, batch_size=batch_size, num_workers=cfg.workers))
+            for name, split in loaders.items()
+        }
+    result = {}
+    for name, pairs in batches.items():
+        features, targets = zip(*[(features_model(inputs.to(device)).float().flatten(1).cpu(), labels) for inputs, labels in pairs])
+        result[name] = (torch.cat(features), torch.cat(targets))
+    return result
 
 
 class Batches:
@@ -659,6 +779,16 @@ class RunState:
             setattr(self, key, value)
 
 
+def write_study(output_dir: str, name: str, runs: list[dict], table: str, cfg) -> Path:
+    """A study's results: `summary.json` (runs, table, the config) and `NAME.md` (the table)."""
+    output = Path(output_dir)
+    output.mkdir(parents=True, exist_ok=True)
+    summary = {"runs": runs, "table": table, "config": dataclasses.asdict(cfg)}
+    (output / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
+    (output / f"{name}.md").write_text(table + "\n")
+    return output
+
+
 def plot_run(curves: list[dict], decay_epochs: list[float], path: Path, title: str = "") -> None:
     """Training loss (log scale) and test accuracy against epoch, LR decays marked."""
     from matplotlib.figure import Figure
@@ -691,7 +821,7 @@ def train_run(cfg: TrainConfig, accelerator: Accelerator) -> dict:
     `training_curves.png` into `cfg.output_dir`, checkpoints into `checkpoint/` (every
     `checkpoint_every` epochs) and `stage_ends/stage{k}/` (when stage k ends), and returns the summary
     with the per-epoch lines under "curves". The same `accelerator` can train several runs in turn."""
-    task = TASKS[cfg.task](cfg)
+    task = make_task(cfg)
     batches = Batches(task, cfg, accelerator)
     updates_per_epoch = batches.updates_per_epoch
     accelerator.free_memory()  # forget a previous run's model and optimizer
