@@ -90,7 +90,7 @@ def test_mechanism_smoke(tmp_path):
 def test_two_processes_full_batch(tmp_path):
     """Full-batch GD data-parallel over 2 processes (gloo): equal micro-batches, one update per epoch."""
     run(
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
         str(RECIPES / "train.py"), "--num_samples", "1000", "--epochs", "3", "--milestones", "2", "--full_batch",
         "--grad_accum_steps", "4", "--output_dir", str(tmp_path), "--verbose", "false",
     )

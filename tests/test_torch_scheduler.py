@@ -1,7 +1,6 @@
 """AutoDecayLR: what a PyTorch user relies on."""
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,12 +13,6 @@ from timm_autodecay import AutoDecayLR, StageDetector
 from timm_autodecay.torch_scheduler import LossAccumulator
 
 SETTINGS = dict(num_stages=3, total_updates=3000, window=100)
-
-
-def free_port():
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return str(probe.getsockname()[1])
 
 
 def make_optimizer(lrs=(0.1, 0.02)):
@@ -152,7 +145,7 @@ def test_step_without_a_loss_is_an_error():
 def test_ranks_seeing_different_losses_hold_identical_lrs_at_every_update(tmp_path):
     worker = Path(__file__).with_name("distributed_worker.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OUT_DIR": str(tmp_path)}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", free_port()]
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     subprocess.run([*command, str(worker)], env=env, check=True, timeout=180)
     rank0 = (tmp_path / "lrs_rank0.txt").read_text()
     rank1 = (tmp_path / "lrs_rank1.txt").read_text()
