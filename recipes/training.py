@@ -392,7 +392,15 @@ def _bool_from_string(text: str) -> bool:
     return words[text.lower()]
 
 
-_FROM_STRING = {int: int, float: float, bool: _bool_from_string, dict: yaml.safe_load}  # dict: `{key: value}` on the command line
+def _dict_from_string(text: str):
+    """A mapping given on the command line in YAML flow style: `{key: value, ...}`."""
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ValueError(text) from error
+
+
+_FROM_STRING = {int: int, float: float, bool: _bool_from_string, dict: _dict_from_string}
 
 
 def _convert(key: str, kind: type, value, choices, check=None):
