@@ -31,7 +31,7 @@ from accelerate import Accelerator
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
-from peer_schedules import PEERS, POLICIES, choose_oracle, oracle_curve, oracle_search, train_policy_run
+from peer_schedules import PEERS, POLICIES, choose_oracle, oracle_curve, oracle_search
 from training import TASKS, TrainConfig, load_config, train_run
 
 # name -> the TrainConfig settings that make a schedule train_run knows; "step" is the baseline.
@@ -66,7 +66,7 @@ def train_compared_schedule(job: tuple) -> dict:
     if peer.kind == "oracle":
         result = oracle_search(cfg, *grid)
     elif peer.kind == "loop":
-        result = train_policy_run(cfg, name, POLICIES[name](**peer.settings))
+        result = train_run(replace(cfg, schedule="constant"), Accelerator(), POLICIES[name](**peer.settings))
     else:
         result = train_run(cfg, Accelerator())
     return {**result, "schedule": name, "task": cfg.task}

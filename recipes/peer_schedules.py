@@ -3,22 +3,17 @@
 `PEERS` maps a name to a `Peer`: how it runs and a one-line note on why its settings. Three kinds:
 - "train_run": a schedule that `training.train_run` knows (StepDecay, cosine, ReduceLROnPlateau,
   AutoDecay), given by its TrainConfig settings;
-- "loop": a schedule driven by a `Policy` in `train_policy_run`, this module's copy of the training
-  loop (same data order, model, optimizer and records as `train_run`): dlib's slope test, SASA+
-  (statopt), timm's deprecated plateau scheduler;
+- "loop": a schedule driven by a `Policy` that `training.train_run` calls after every update and
+  epoch: dlib's slope test, SASA+ (statopt), timm's deprecated plateau scheduler;
 - "oracle": `oracle_search`, the grid of fixed two-decay StepDecay schedules, trained once per seed
   by sharing prefixes (see there).
 """
 import copy
-import dataclasses
-import json
 import math
 import time
 import warnings
 from collections import deque
 from dataclasses import dataclass, field
-from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -102,13 +97,12 @@ def count_steps_without_decrease(values, probability_of_decrease: float = 0.51, 
 
 
 # ----------------------------------------------------------------------------------------------
-# Policies for train_policy_run
+# Policies: the hooks `training.train_run(cfg, accelerator, policy)` calls
 # ----------------------------------------------------------------------------------------------
 class Policy:
-    """Hooks of `train_policy_run`: the optimizer to use, and what to do after each update and epoch
-    (return True to end the run)."""
+    """The optimizer to use, and what to do after each update and epoch (return True to end the run)."""
 
-    def make_optimizer(self, model, default_optimizer, cfg: TrainConfig):
+    def make_optimizer(self, model, default_optimizer, cfg: TrainConfig, updates_per_epoch: int):
         return default_optimizer
 
     def after_update(self, loss: torch.Tensor) -> bool:
@@ -130,9 +124,9 @@ class SlopeTestPolicy(Policy):
         self.probability_of_decrease = probability_of_decrease
         self.quantile_discard = quantile_discard
 
-    def make_optimizer(self, model, default_optimizer, cfg):
+    def make_optimizer(self, model, default_optimizer, cfg, updates_per_epoch):
         self.optimizer, self.decay_rate, self.num_stages = default_optimizer, cfg.decay_rate, cfg.num_stages
-        self.threshold = round(self.threshold_epochs * cfg.updates_per_epoch)
+        self.threshold = round(self.threshold_epochs * updates_per_epoch)
         self.losses, self.budget, self.decays = deque(maxlen=self.threshold), 0, 0
         return default_optimizer
 
@@ -163,7 +157,7 @@ class SasaPolicy(Policy):
     def __init__(self, **sasa_settings):
         self.sasa_settings = sasa_settings
 
-    def make_optimizer(self, model, default_optimizer, cfg):
+    def make_optimizer(self, model, default_optimizer, cfg, updates_per_epoch):
         from statopt import SASA
 
         warnings.filterwarnings("ignore", message=".*add_.*deprecated", category=UserWarning)
@@ -177,7 +171,7 @@ class TimmPlateauPolicy(Policy):
     def __init__(self, **plateau_settings):
         self.plateau_settings = plateau_settings
 
-    def make_optimizer(self, model, default_optimizer, cfg):
+    def make_optimizer(self, model, default_optimizer, cfg, updates_per_epoch):
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
             from timm.scheduler.plateau_lr import PlateauLRScheduler
@@ -205,7 +199,7 @@ def timm_plateau_available() -> bool:
 
 
 # ----------------------------------------------------------------------------------------------
-# The training loop for policies (single process, CPU)
+# One epoch for the oracle's branches (single process, CPU)
 # ----------------------------------------------------------------------------------------------
 def epoch_batches(data, cfg, epoch: int):
     """The benchmark's data order (BENCHMARK.md): a permutation seeded by seed * 100003 + epoch, cut
@@ -221,9 +215,10 @@ def evaluate_test(model, data, cfg) -> tuple[float, float]:
                     getattr(cfg, "eval_batch_size", 0) or min(cfg.batch_size, 1024))
 
 
-def train_epoch(model, optimizer, data, cfg, epoch, on_update=None) -> tuple[float, int, bool]:
+def train_epoch(model, optimizer, data, cfg, epoch) -> float:
     """One epoch in the benchmark's order, each update computed as `train_run` computes it on one
-    process (so runs match it bit for bit); returns (mean training loss, updates, stopped early)."""
+    process (so a branch matches a full run bit for bit); returns the mean training loss. The oracle
+    needs epochs it can branch between, which `train_run` does not offer."""
     model.train()
     loss_sum, count = torch.zeros(()), 0
     for inputs, targets in epoch_batches(data, cfg, epoch):
@@ -233,65 +228,9 @@ def train_epoch(model, optimizer, data, cfg, epoch, on_update=None) -> tuple[flo
         optimizer.step()
         loss_sum += loss.detach()
         count += 1
-        if on_update is not None and on_update(loss.detach()):
-            return loss_sum.item() / count, count, True
-    return loss_sum.item() / count, count, False
+    return loss_sum.item() / count
 
 
-def _write_run(output_dir: Path, curves: list, summary: dict) -> None:
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "metrics.jsonl").write_text("".join(json.dumps(line) + "\n" for line in curves))
-    (output_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
-
-
-def train_policy_run(cfg: TrainConfig, name: str, policy: Policy) -> dict:
-    """`train_run`'s loop and records, with the schedule given by `policy`."""
-    data = TASKS[cfg.task](cfg)
-    model, optimizer = make_model_and_optimizer(cfg, data.num_classes)
-    updates_per_epoch = math.ceil(len(data.train_targets) / cfg.batch_size)
-    shaped = SimpleNamespace(**dataclasses.asdict(cfg), updates_per_epoch=updates_per_epoch)
-    optimizer = policy.make_optimizer(model, optimizer, shaped)
-    curves, decay_epochs, updates = [], [], 0
-    lr_in_use = optimizer.param_groups[0]["lr"]
-    run_start = time.perf_counter()
-
-    def on_update(loss):
-        nonlocal updates
-        updates += 1
-        return policy.after_update(loss)
-
-    for epoch in range(cfg.epochs):
-        epoch_start = time.perf_counter()
-        # the LR each update used: sample it where it can change (between updates) via a step pre-hook
-        seen = []
-        handle = optimizer.register_step_pre_hook(lambda opt, *_: seen.append((updates, opt.param_groups[0]["lr"])))
-        train_loss, _, stopped = train_epoch(model, optimizer, data, cfg, epoch, on_update)
-        handle.remove()
-        for at, lr in seen:
-            if lr < lr_in_use:
-                decay_epochs.append(at / updates_per_epoch)
-            lr_in_use = lr
-        test_loss, test_top1 = evaluate_test(model, data, cfg)
-        stopped = policy.after_epoch(epoch + 1, train_loss, test_top1) or stopped
-        curves.append({
-            "epoch": updates / updates_per_epoch, "updates": updates, "lr": lr_in_use, "stage": len(decay_epochs),
-            "train_loss": train_loss, "test_loss": test_loss, "test_top1": test_top1,
-            "seconds": time.perf_counter() - epoch_start,
-        })
-        if stopped:
-            break
-    summary = {
-        "schedule": name, "seed": cfg.seed, "test_top1": curves[-1]["test_top1"], "test_loss": curves[-1]["test_loss"],
-        "epochs": updates / updates_per_epoch, "updates": updates, "decay_epochs": decay_epochs,
-        "wall_seconds": time.perf_counter() - run_start, "config": dataclasses.asdict(cfg),
-    }
-    _write_run(Path(cfg.output_dir), curves, summary)
-    return {**summary, "curves": curves}
-
-
-# ----------------------------------------------------------------------------------------------
-# The oracle: every fixed two-decay StepDecay on a grid, by sharing prefixes
-# ----------------------------------------------------------------------------------------------
 def oracle_search(cfg: TrainConfig, first_milestones: list[int], gaps: list[int], tails: list[int]) -> dict:
     """Test accuracy of StepDecay x`decay_rate` at m1 and m2 = m1 + gap, stopped after m2 + tail epochs,
     for every m1, gap, tail on the grid, for `cfg.seed`.
@@ -330,7 +269,7 @@ def oracle_search(cfg: TrainConfig, first_milestones: list[int], gaps: list[int]
     for epoch in range(max(first_milestones)):
         if epoch in first_milestones:
             trunk_states[epoch] = snapshot()
-        train_loss, _, _ = train_epoch(model, optimizer, data, cfg, epoch)
+        train_loss = train_epoch(model, optimizer, data, cfg, epoch)
         curves["trunk"].append(record(epoch, train_loss))
         epochs_trained += 1
     trunk_states[max(first_milestones)] = snapshot()
@@ -343,7 +282,7 @@ def oracle_search(cfg: TrainConfig, first_milestones: list[int], gaps: list[int]
         for epoch in range(m1, m1 + max(gaps)):
             if epoch - m1 in gaps:
                 second_states[epoch] = snapshot()
-            train_loss, _, _ = train_epoch(model, optimizer, data, cfg, epoch)
+            train_loss = train_epoch(model, optimizer, data, cfg, epoch)
             curves[key1].append(record(epoch, train_loss))
             epochs_trained += 1
         second_states[m1 + max(gaps)] = snapshot()
@@ -354,7 +293,7 @@ def oracle_search(cfg: TrainConfig, first_milestones: list[int], gaps: list[int]
             key2 = f"{m1},{m2}"
             curves[key2] = []
             for epoch in range(m2, m2 + max(tails)):
-                train_loss, _, _ = train_epoch(model, optimizer, data, cfg, epoch)
+                train_loss = train_epoch(model, optimizer, data, cfg, epoch)
                 curves[key2].append(record(epoch, train_loss))
                 epochs_trained += 1
                 if epoch + 1 - m2 in tails:

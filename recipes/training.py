@@ -823,18 +823,28 @@ def _tracker_config(cfg: TrainConfig) -> dict:
     return {key: value if isinstance(value, (int, float, str, bool)) else str(value) for key, value in dataclasses.asdict(cfg).items()}
 
 
-def train_run(cfg: TrainConfig, accelerator: Accelerator) -> dict:
+def train_run(cfg: TrainConfig, accelerator: Accelerator, policy=None) -> dict:
     """Train one run, evaluating after every epoch; AutoDecay ends it right after the update at which
     its last stage ended. Writes `metrics.jsonl` (a line per epoch), `summary.json` and
     `training_curves.png` into `cfg.output_dir`, checkpoints into `checkpoint/` (every
     `checkpoint_every` epochs) and `stage_ends/stage{k}/` (when stage k ends), and returns the summary
-    with the per-epoch lines under "curves". The same `accelerator` can train several runs in turn."""
+    with the per-epoch lines under "curves". The same `accelerator` can train several runs in turn.
+
+    `policy` drives a schedule this module does not know (the benchmark's peers): it may replace the
+    optimizer (`make_optimizer(model, optimizer, cfg, updates_per_epoch)`), change learning rates after
+    each update (`after_update(loss)`) and each epoch (`after_epoch(epochs_done, train_loss,
+    test_top1)`), and end the run by returning True from either. It needs `schedule: constant`."""
+    if policy is not None and cfg.schedule != "constant":
+        raise ConfigError(f"schedule: a policy owns the learning rate; use 'constant', not {cfg.schedule!r}")
     task = make_task(cfg)
     batches = Batches(task, cfg, accelerator)
     updates_per_epoch = batches.updates_per_epoch
     accelerator.free_memory()  # forget a previous run's model and optimizer
     accelerator._custom_objects.clear()
-    model, optimizer = accelerator.prepare(*make_model_and_optimizer(cfg, task.num_classes))
+    model, optimizer = make_model_and_optimizer(cfg, task.num_classes)
+    if policy is not None:
+        optimizer = policy.make_optimizer(model, optimizer, cfg, updates_per_epoch)
+    model, optimizer = accelerator.prepare(model, optimizer)
     scheduler = make_scheduler(cfg, optimizer, updates_per_epoch)
     # Not passed to prepare(): an AcceleratedScheduler steps once per process per call.
     accelerator.register_for_checkpointing(scheduler)
@@ -919,6 +929,11 @@ def train_run(cfg: TrainConfig, accelerator: Accelerator) -> dict:
             elif cfg.schedule != "plateau":
                 scheduler.step()
                 note_decay()
+            if policy is not None:
+                state.finished = policy.after_update(update_loss)
+                note_decay()
+                if state.finished:
+                    break
 
         train_loss = accelerator.reduce(loss_sum, reduction="mean").item() / epoch_updates
         if cfg.schedule == "plateau":
@@ -933,6 +948,9 @@ def train_run(cfg: TrainConfig, accelerator: Accelerator) -> dict:
             **evaluate_all(model, task, cfg, accelerator),
             "seconds": time.perf_counter() - epoch_start,
         }
+        if policy is not None:
+            state.finished = policy.after_epoch(epoch + 1, train_loss, record["test_top1"]) or state.finished
+            note_decay()
         state.curves.append(record)
         state.epoch = epoch + 1
         if accelerator.is_main_process:

@@ -124,7 +124,7 @@ def test_slope_policy_decays_then_ends():
 
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
     policy = SlopeTestPolicy(threshold_epochs=1)
-    policy.make_optimizer(None, optimizer, SimpleNamespace(decay_rate=0.1, num_stages=3, updates_per_epoch=50))
+    policy.make_optimizer(None, optimizer, SimpleNamespace(decay_rate=0.1, num_stages=3), updates_per_epoch=50)
     noise = torch.randn(2000, generator=torch.Generator().manual_seed(0))
     lrs, ended = [], None
     for update, value in enumerate(noise):
