@@ -177,16 +177,21 @@ def results_table(runs: list[dict], methods: list[str]) -> str:
     return "\n".join(lines)
 
 
-def main():
-    cfg = load_config(LearningStagesConfig, description=__doc__)
-    accelerator = make_accelerator(cfg)
+def train_methods(cfg, accelerator) -> list[dict]:
+    """Every method for every seed; the runs' summaries ordered by method, then seed."""
     jobs = [(method, method_config(cfg, method, seed)) for method in cfg.methods for seed in cfg.seeds]
     accelerator.print(f"{len(jobs)} runs ({' '.join(cfg.methods)} x seeds {cfg.seeds})")
     results = []
     for run in run_all(jobs, min(cfg.jobs, len(jobs)), accelerator):
         results.append(run)
         accelerator.print(f"  {run['method']} seed {run['seed']}: {run['test_top1']:.2f}% in {run['wall_seconds']:.0f} s")
-    results.sort(key=lambda run: (cfg.methods.index(run["method"]), run["seed"]))
+    return sorted(results, key=lambda run: (cfg.methods.index(run["method"]), run["seed"]))
+
+
+def main():
+    cfg = load_config(LearningStagesConfig, description=__doc__)
+    accelerator = make_accelerator(cfg)
+    results = train_methods(cfg, accelerator)
     runs = []
     for run in results:
         # A GD "epoch" is one update: its transition is measured over the same number of epochs.

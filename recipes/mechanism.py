@@ -22,7 +22,7 @@ from pathlib import Path
 import matplotlib
 from matplotlib.figure import Figure
 
-from learning_stages import METHOD_LABELS, LearningStagesConfig, method_config, run_all
+from learning_stages import METHOD_LABELS, LearningStagesConfig, train_methods
 from training import load_config, make_accelerator, write_study
 
 METHODS = ("sgd_step", "gd_step", "constant")
@@ -114,13 +114,7 @@ def plot_mechanism(results: list[dict], methods: list[str], budget: int, path: P
 def main():
     cfg = load_config(MechanismConfig, description=__doc__)
     accelerator = make_accelerator(cfg)
-    jobs = [(method, method_config(cfg, method, seed)) for method in cfg.methods for seed in cfg.seeds]
-    accelerator.print(f"{len(jobs)} runs ({' '.join(cfg.methods)} x seeds {cfg.seeds})")
-    results = []
-    for run in run_all(jobs, min(cfg.jobs, len(jobs)), accelerator):
-        results.append(run)
-        accelerator.print(f"  {run['method']} seed {run['seed']}: {run['test_top1']:.2f}% in {run['wall_seconds']:.0f} s")
-    results.sort(key=lambda run: (cfg.methods.index(run["method"]), run["seed"]))
+    results = train_methods(cfg, accelerator)
     runs = [{
         "method": run["method"], "seed": run["seed"], "test_top1": run["test_top1"],
         "decay_epochs": run["decay_epochs"], "output_dir": run["config"]["output_dir"],

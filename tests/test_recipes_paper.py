@@ -27,16 +27,6 @@ def run(*command: str, timeout: int = 300) -> subprocess.CompletedProcess:
     return finished
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    import torch
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_learning_stages_smoke(tmp_path):
     finished = run(
         sys.executable, str(RECIPES / "learning_stages.py"), "--config", str(CONFIGS / "learning_stages.yaml"),

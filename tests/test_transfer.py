@@ -21,14 +21,6 @@ TINY = ["--num_samples", "600", "--batch_size", "50", "--finetune_epochs", "1", 
 REST = "{name: rest, classes: [5, 6, 7, 8, 9]}"
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def source_run(tmp_path_factory) -> Path:
     """A tiny StepDecay run on MNIST-1D digits 0-4 with two stage-end checkpoints (epochs 1 and 2)."""
