@@ -89,7 +89,7 @@ class Decision:
         return self.action != "continue"
 
 
-def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> Optional[int]:
+def check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> Optional[int]:
     if value is None and allow_none:
         return None
     if isinstance(value, bool) or not isinstance(value, int) and not (
@@ -101,7 +101,7 @@ def _check_int(name: str, value: Any, minimum: int, allow_none: bool = False) ->
     return int(value)
 
 
-def _check_float(name: str, value: Any, low: float, high: float = math.inf) -> float:
+def check_float(name: str, value: Any, low: float, high: float = math.inf) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < high:
         raise ValueError(f"{name} must be a number in [{low}, {high}), got {value!r}")
     return float(value)
@@ -168,14 +168,14 @@ class StageDetector:
         min_points: int = 8,
         first_stage_patience: float = 0.4,
     ):
-        self.num_stages = _check_int("num_stages", num_stages, 1)
-        self.total_updates = _check_int("total_updates", total_updates, 1, allow_none=True)
-        self.updates_per_epoch = _check_int("updates_per_epoch", updates_per_epoch, 1, allow_none=True)
-        self.warmup_updates = _check_int("warmup_updates", warmup_updates, 0)
-        self.significance = _check_float("significance", significance, 0.0)
-        self.min_relative_drop = _check_float("min_relative_drop", min_relative_drop, 0.0, 1.0)
-        self.min_points = _check_int("min_points", min_points, 3)
-        self.first_stage_patience = _check_float("first_stage_patience", first_stage_patience, 0.0)
+        self.num_stages = check_int("num_stages", num_stages, 1)
+        self.total_updates = check_int("total_updates", total_updates, 1, allow_none=True)
+        self.updates_per_epoch = check_int("updates_per_epoch", updates_per_epoch, 1, allow_none=True)
+        self.warmup_updates = check_int("warmup_updates", warmup_updates, 0)
+        self.significance = check_float("significance", significance, 0.0)
+        self.min_relative_drop = check_float("min_relative_drop", min_relative_drop, 0.0, 1.0)
+        self.min_points = check_int("min_points", min_points, 3)
+        self.first_stage_patience = check_float("first_stage_patience", first_stage_patience, 0.0)
         if self.total_updates is not None:
             if self.warmup_updates >= self.total_updates:
                 raise ValueError(
@@ -184,8 +184,8 @@ class StageDetector:
             self.stage_budget: Optional[float] = (self.total_updates - self.warmup_updates) / self.num_stages
         else:
             self.stage_budget = None
-        self.window = _check_int("window", window, 2, allow_none=True) or self._default_window()
-        self.patience = _check_int("patience", patience, 0, allow_none=True)
+        self.window = check_int("window", window, 2, allow_none=True) or self._default_window()
+        self.patience = check_int("patience", patience, 0, allow_none=True)
         if self.patience is None:
             self.patience = int(round(0.4 * self.window))
         self.bucket_size = max(1, self.window // BUCKETS_PER_WINDOW)
@@ -246,7 +246,7 @@ class StageDetector:
 
         ``nonfinite``: how many non-finite losses the caller left out of ``value`` (they are
         counted and reported, never judged)."""
-        count = _check_int("count", count, 1)
+        count = check_int("count", count, 1)
         if self.finished:
             raise RuntimeError("the last stage has ended; training should have stopped")
         value = float(value)

@@ -41,7 +41,7 @@ import torch
 import torch.distributed as dist
 from timm.scheduler.scheduler import Scheduler
 
-from .detector import Decision, FollowsDetector, SETTINGS, StageDetector
+from .detector import check_int, Decision, FollowsDetector, SETTINGS, StageDetector
 from .torch_scheduler import LossAccumulator, check_decay_rate
 
 __all__ = [
@@ -86,16 +86,6 @@ class AutoDecayFinished(KeyboardInterrupt):
 
 def _is_primary() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
-
-
-def _check_count(name: str, value: Any, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) and not (
-        isinstance(value, float) and value.is_integer()
-    ):
-        raise ValueError(f"AutoDecay: {name} must be an integer, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"AutoDecay: {name} must be >= {minimum}, got {value!r}")
-    return int(value)
 
 
 def _check_lr(name: str, value: Any) -> float:
@@ -150,23 +140,23 @@ class AutoDecayScheduler(FollowsDetector, Scheduler):
         initialize: bool = True,
         **detector_settings: Any,
     ) -> None:
-        self.updates_per_epoch = _check_count("updates_per_epoch", updates_per_epoch, 1)
+        self.updates_per_epoch = check_int("updates_per_epoch", updates_per_epoch, 1)
         try:
             self.decay_rate = check_decay_rate(decay_rate)
         except ValueError as error:
             raise ValueError(f"AutoDecay: {error} (--decay-rate)") from None
         self.lr_min = _check_lr("lr_min (--min-lr)", lr_min)
-        self.warmup_t = _check_count("warmup_t (--warmup-epochs)", warmup_t, 0)
+        self.warmup_t = check_int("warmup_t (--warmup-epochs)", warmup_t, 0)
         self.warmup_lr_init = _check_lr("warmup_lr_init (--warmup-lr)", warmup_lr_init)
         self.warmup_prefix = bool(warmup_prefix)
-        self.t_initial = None if t_initial is None else _check_count("t_initial (--epochs)", t_initial, 1)
+        self.t_initial = None if t_initial is None else check_int("t_initial (--epochs)", t_initial, 1)
         if metric_mode not in ("epoch_mean", "update"):
             raise ValueError(f"AutoDecay: metric_mode must be 'epoch_mean' or 'update', got {metric_mode!r}")
         self.metric_mode = metric_mode
         if not isinstance(end_training, bool):
             raise ValueError(f"AutoDecay: end_training must be true or false, got {end_training!r}")
         self.end_training = end_training
-        self.end_interval = _check_count("end_interval (--val-interval)", end_interval, 1)
+        self.end_interval = check_int("end_interval (--val-interval)", end_interval, 1)
         self.state_dir = state_dir
         self.resume_from = resume_from
 
@@ -233,7 +223,7 @@ class AutoDecayScheduler(FollowsDetector, Scheduler):
     def step_update(self, num_updates: int, metric: Optional[float] = None) -> None:
         """After optimizer update ``num_updates`` (counted from the start of training), with the
         training loss (``metric``: train.py's running epoch mean ``losses_m.avg``)."""
-        n = _check_count("num_updates", num_updates, 0)
+        n = check_int("num_updates", num_updates, 0)
         if metric is None:
             if n == self.num_updates:
                 return
@@ -263,7 +253,7 @@ class AutoDecayScheduler(FollowsDetector, Scheduler):
     def step(self, epoch: int, metric: Optional[float] = None) -> None:
         """At the end of an epoch, with the number of completed epochs (train.py: ``epoch + 1``).
         ``metric`` (the validation metric) is not used: AutoDecay reads the training loss."""
-        t = _check_count("epoch", epoch, 0)
+        t = check_int("epoch", epoch, 0)
         self.metric = metric
         n = t * self.updates_per_epoch
         if n != self.num_updates:
@@ -508,8 +498,8 @@ def create_autodecay_scheduler(original: Any, optimizer: torch.optim.Optimizer, 
     if isinstance(upe, bool) or not isinstance(upe, int) or upe < 1:
         raise ValueError(
             f"AutoDecay: sched='autodecay' needs updates_per_epoch (optimizer updates per epoch), got {upe!r}")
-    num_epochs = _check_count("num_epochs (--epochs)", a["num_epochs"], 1)
-    warmup_epochs = _check_count("warmup_epochs (--warmup-epochs)", a["warmup_epochs"], 0)
+    num_epochs = check_int("num_epochs (--epochs)", a["num_epochs"], 1)
+    warmup_epochs = check_int("warmup_epochs (--warmup-epochs)", a["warmup_epochs"], 0)
     on_epochs = bool(a["step_on_epochs"])
     unit = 1 if on_epochs else upe
     settings = {k[len(PREFIX):]: v for k, v in ours.items() if k in YAML_KEYS}
