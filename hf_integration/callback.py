@@ -65,10 +65,9 @@ class AutoDecayCallback(TrainerCallback, ExportableState):
 
     Args:
         decay_rate: factor applied to the learning rate at each stage end, in (0, 1).
-        **settings: detector settings (see ``timm_autodecay.detector.SETTINGS``): ``num_stages`` (3),
-            ``total_updates`` (default: the Trainer's ``max_steps``), ``warmup_updates`` (default: the
-            Trainer's warmup steps), ``window``, ``patience``, ``significance``, ``min_relative_drop``,
-            ``min_points``, ``updates_per_epoch``. Pass nothing to use the defaults.
+        **settings: detector settings (``timm_autodecay.detector.SETTINGS``, e.g. ``num_stages``,
+            ``window``, ``significance``); ``total_updates`` defaults to the Trainer's ``max_steps`` and
+            ``warmup_updates`` to its warmup steps. Pass nothing to use the defaults.
     """
 
     def __init__(self, decay_rate: float = 0.1, **settings: Any):
