@@ -99,8 +99,10 @@ def test_non_finite_losses_never_decide_nor_corrupt(values, bad):
     detector = StageDetector(num_stages=3, window=20, total_updates=400)
     feed(detector, values)
     assume(not detector.finished)
-    for value in bad:
-        assert detector.observe(value).action == "continue"
+    with pytest.warns(RuntimeWarning, match="non-finite") as warned:
+        for value in bad:
+            assert detector.observe(value).action == "continue"
+    assert len(warned) == 1  # once, however many
     assert detector.nonfinite_losses == len(bad)
     assert json.dumps(detector.state_dict())  # still serialisable: no NaN entered the window
     assert all(math.isfinite(p[1]) for p in detector.state_dict()["points"])
@@ -108,8 +110,9 @@ def test_non_finite_losses_never_decide_nor_corrupt(values, bad):
 
 def test_a_window_of_only_non_finite_losses_raises():
     detector = StageDetector(window=50)
-    for _ in range(49):
-        detector.observe(math.nan)
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        for _ in range(49):
+            detector.observe(math.nan)
     with pytest.raises(FloatingPointError, match="non-finite"):
         detector.observe(math.nan)
 
