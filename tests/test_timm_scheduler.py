@@ -397,6 +397,28 @@ def test_state_dict_round_trip_mid_epoch():
     assert lrs_a == lrs_b and a.history == c.history and a.finished
 
 
+def test_distributed_train_py_logging_every_few_updates_feeds_the_latest_logged_loss():
+    """Under DDP, train.py adds the (rank-averaged) loss to losses_m only every --log-interval updates
+    and at the epoch's last batch: each update in between stands for the latest logged loss."""
+    optimizer = torch.optim.SGD(Toy().parameters(), lr=BASE_LR)
+    scheduler = timm.scheduler.create_scheduler_v2(optimizer, sched="autodecay", num_epochs=30, updates_per_epoch=UPE,
+                                                   autodecay_end_training=False, **yaml_keys())[0]
+    rng = random.Random(2)
+    losses = [0.5 + 2.0 / (1 + n / 20) + 0.05 * rng.gauss(0, 1) for n in range(30 * UPE)]
+    log_interval, held = 4, []
+    for epoch in range(30):
+        meter = AverageMeter()
+        for batch_idx in range(UPE):
+            n = epoch * UPE + batch_idx + 1
+            if batch_idx % log_interval == 0 or batch_idx == UPE - 1:
+                meter.update(losses[n - 1], 16)
+                latest = losses[n - 1]
+            held.append(latest)
+            scheduler.step_update(n, metric=meter.avg)
+        scheduler.step(epoch + 1)
+    assert scheduler.history and scheduler.history == replayed_history(scheduler, held)
+
+
 def test_every_epoch_end_reads_the_pending_losses(tmp_path):
     """Buckets of 3 updates, epochs of 10: each epoch's last update still hands its partial bucket
     to the detector (a collective on every rank), so the state saved there holds no rank's own

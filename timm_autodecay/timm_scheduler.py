@@ -79,6 +79,15 @@ RUN_KEYS = {
 }
 
 
+def _json_number(value: float) -> Optional[float]:
+    """JSON has no NaN: a non-finite running mean (a NaN batch) is stored as null."""
+    return value if math.isfinite(value) else None
+
+
+def _from_json_number(value: Optional[float]) -> float:
+    return float("nan") if value is None else value
+
+
 class AutoDecayFinished(KeyboardInterrupt):
     """Raised by the optimizer's next ``zero_grad()``/``step()`` after the epoch boundary at which the
     last learning stage had ended: timm's ``train.py`` treats it like Ctrl-C and ends gracefully."""
@@ -194,6 +203,8 @@ class AutoDecayScheduler(FollowsDetector, Scheduler):
         self.accumulator = LossAccumulator()
         self.num_updates = 0  # updates whose loss this scheduler has consumed
         self._running_mean = 0.0  # the epoch mean train.py passed at the previous update
+        self._samples = 0  # losses that mean holds so far this epoch
+        self._last_sample = 0.0  # the latest of them
         self.last_decision: Optional[Decision] = None
         self._saved: Optional[Dict[str, Any]] = None  # autodecay_state.json's entries, once read
         self._stop_armed = False
@@ -277,13 +288,21 @@ class AutoDecayScheduler(FollowsDetector, Scheduler):
             self._arm_stop(t)
 
     def _update_loss(self, n: int, metric: float) -> float:
-        """The loss of update ``n`` alone, from train.py's running epoch mean."""
+        """The latest single-update loss train.py's running epoch mean ``losses_m.avg`` reveals.
+
+        In one process train.py adds every update's loss to the mean, so each update gives its own
+        loss back. In a distributed run it adds the loss (already averaged over ranks) only every
+        ``--log-interval`` updates: the mean then changes only there, and each update in between
+        stands for the latest logged loss."""
         if self.metric_mode == "update":
             return metric
-        k = n - ((n - 1) // self.updates_per_epoch) * self.updates_per_epoch  # 1..updates_per_epoch
-        previous = (k - 1) * self._running_mean if k > 1 else 0.0
-        self._running_mean = metric
-        return k * metric - previous
+        if (n - 1) % self.updates_per_epoch == 0:  # first update of an epoch: the mean starts over
+            self._samples, self._running_mean = 0, 0.0
+        if self._samples == 0 or metric != self._running_mean:
+            self._samples += 1
+            self._last_sample = self._samples * metric - (self._samples - 1) * self._running_mean
+            self._running_mean = metric
+        return self._last_sample
 
     def _fresh(self) -> bool:
         return self.num_updates == 0 and self.detector.update == 0 and self.accumulator.updates == 0
@@ -354,7 +373,9 @@ class AutoDecayScheduler(FollowsDetector, Scheduler):
             "warmup_t": self.warmup_t,
             "warmup_lr_init": self.warmup_lr_init,
             "base_values": list(self.base_values),
-            "running_mean": self._running_mean,
+            "running_mean": _json_number(self._running_mean),
+            "samples": self._samples,
+            "last_sample": _json_number(self._last_sample),
             "pending_losses": self.accumulator.state_dict(),
             "detector": self.detector.state_dict(),
         }
@@ -374,7 +395,9 @@ class AutoDecayScheduler(FollowsDetector, Scheduler):
                 f"AutoDecay: the optimizer has {len(self.base_values)} param groups but the saved state "
                 f"{len(state_dict['base_values'])}")
         self.num_updates = state_dict["num_updates"]
-        self._running_mean = state_dict["running_mean"]
+        self._running_mean = _from_json_number(state_dict["running_mean"])
+        self._samples = state_dict["samples"]
+        self._last_sample = _from_json_number(state_dict["last_sample"])
         self.accumulator.load_state_dict(state_dict["pending_losses"])
         self.base_values = list(state_dict["base_values"])
         self._set_warmup_steps()
