@@ -108,6 +108,14 @@ def test_non_finite_losses_never_decide_nor_corrupt(values, bad):
     assert all(math.isfinite(p[1]) for p in detector.state_dict()["points"])
 
 
+def test_the_budget_holds_when_its_boundary_falls_on_a_non_finite_loss():
+    detector = StageDetector(num_stages=3, total_updates=300, window=200)
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        actions = [detector.observe(1.0 if n != 99 else math.nan).action for n in range(100)]
+    assert actions[:99] == ["continue"] * 99 and actions[99] == "decay"
+    assert detector.history == [{"update": 100, "action": "decay", "stage": 0, "reason": "budget"}]
+
+
 def test_a_window_of_only_non_finite_losses_raises():
     detector = StageDetector(window=50)
     with pytest.warns(RuntimeWarning, match="non-finite"):

@@ -251,21 +251,25 @@ class StageDetector:
             raise RuntimeError("the last stage has ended; training should have stopped")
         value = float(value)
         self.update += count
-        if not math.isfinite(value):
-            return self._observe_nonfinite(value, count, nonfinite or count)
-        if nonfinite:
+        finite = math.isfinite(value)
+        if not finite:
+            self._observe_nonfinite(value, count, nonfinite or count)
+        elif nonfinite:
             self._count_nonfinite(nonfinite)
-        self.nonfinite_streak = 0
         if self.update <= self.warmup_updates:
             return Decision("continue", self.stage, self.update, "warmup")
-        counted = min(count, self.update - self.warmup_updates)
-        self._bucket_sum += value * counted
-        self._bucket_count += counted
-        if self._bucket_count >= self.bucket_size:
-            self._add_point()
+        if finite:
+            self.nonfinite_streak = 0
+            counted = min(count, self.update - self.warmup_updates)
+            self._bucket_sum += value * counted
+            self._bucket_count += counted
+            if self._bucket_count >= self.bucket_size:
+                self._add_point()
         age = self.update - self.stage_start
         if self.stage_budget is not None and age >= self.stage_budget - 1e-9:
-            return self._end_stage("budget", {"age": age})
+            return self._end_stage("budget", {"age": age})  # time, not the loss, ends it
+        if not finite:
+            return Decision("continue", self.stage, self.update, "non-finite loss ignored")
         return self._test_plateau(age)
 
     def _count_nonfinite(self, losses: int) -> None:
@@ -278,7 +282,7 @@ class StageDetector:
             )
         self.nonfinite_losses += losses
 
-    def _observe_nonfinite(self, value: float, count: int, losses: int) -> Decision:
+    def _observe_nonfinite(self, value: float, count: int, losses: int) -> None:
         self._count_nonfinite(losses)
         self.nonfinite_streak += count
         if self.nonfinite_streak >= self.window:
@@ -286,7 +290,6 @@ class StageDetector:
                 f"AutoDecay saw only non-finite training losses (last: {value}) for "
                 f"{self.nonfinite_streak} updates, a whole window; the run has diverged"
             )
-        return Decision("continue", self.stage, self.update, "non-finite loss ignored")
 
     def _add_point(self) -> None:
         count = self._bucket_count

@@ -64,8 +64,12 @@ class LossAccumulator:
         return {"sum": loss_sum, "finite": finite, "count": count, "updates": self.updates}
 
     def load_state_dict(self, state: Dict[str, float]) -> None:
+        """Checkpoints are usually written by rank 0 alone and read by every rank: only rank 0 takes
+        the saved losses back, so the next mean over ranks counts them once (exact in one process)."""
         self._totals = None
-        self._restored = (float(state["sum"]), float(state["finite"]), float(state["count"]))
+        self._restored = (0.0, 0.0, 0.0)
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+            self._restored = (float(state["sum"]), float(state["finite"]), float(state["count"]))
         self.updates = int(state["updates"])
 
 
