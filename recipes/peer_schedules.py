@@ -188,16 +188,6 @@ class TimmPlateauPolicy(Policy):
 POLICIES = {"slope": SlopeTestPolicy, "sasa": SasaPolicy, "timm_plateau": TimmPlateauPolicy}
 
 
-def timm_plateau_available() -> bool:
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            from timm.scheduler.plateau_lr import PlateauLRScheduler  # noqa: F401
-        return True
-    except ImportError:
-        return False
-
-
 # ----------------------------------------------------------------------------------------------
 # One epoch for the oracle's branches (single process, CPU)
 # ----------------------------------------------------------------------------------------------

@@ -661,6 +661,8 @@ class Batches:
     def _index_updates(self, epoch: int):
         """Per update: its global size and this process's micro-batches of sample indices."""
         order = torch.randperm(self.train_size, generator=torch.Generator().manual_seed(self.cfg.seed * 100003 + epoch))
+        if isinstance(self.task, TaskData):
+            order = order.to(self.accelerator.device)  # one copy per epoch, not one per micro-batch
         rank = self.accelerator.process_index
         for batch in order.split(self.batch_size)[: self.updates_per_epoch]:
             local = batch.tensor_split(self.processes)[rank]
@@ -672,7 +674,7 @@ class Batches:
         if isinstance(task, TaskData):
             inputs, targets = task.train_inputs.to(device), task.train_targets.to(device)
             for size, micro_batches in self._index_updates(epoch):
-                yield size, [(inputs[m.to(device)], targets[m.to(device)]) for m in micro_batches]
+                yield size, [(inputs[m], targets[m]) for m in micro_batches]
             return
         if task.streaming:
             stream = self._stream(epoch)
@@ -707,15 +709,6 @@ class Batches:
     def _to_device(self, batch):
         device = self.accelerator.device
         return batch["inputs"].to(device, non_blocking=True), batch["targets"].to(device, non_blocking=True)
-
-
-def train_batches(inputs, targets, cfg: TrainConfig, epoch: int, accelerator):
-    """The epoch's batches of in-memory tensors in the benchmark's order, this process's slice of each
-    (no micro-batches); for loops other than `train_run` (`Batches` is what `train_run` uses)."""
-    order = torch.randperm(len(targets), generator=torch.Generator().manual_seed(cfg.seed * 100003 + epoch))
-    for batch in order.split(cfg.batch_size):
-        local = batch.tensor_split(accelerator.num_processes)[accelerator.process_index].to(inputs.device)
-        yield inputs[local], targets[local]
 
 
 @torch.no_grad()

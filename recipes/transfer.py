@@ -313,7 +313,8 @@ def study(cfg: TransferConfig, accelerator) -> dict:
                     top1 = linear_probe(features, target_data[name].num_classes, cfg.probe_l2, cfg.probe_steps)
                     results.append({**record, "method": "linear_probe", "top1": top1})
                 if "finetune" in cfg.methods:
-                    folder = output_dir / "finetune" / name / Path(run_dir).name / f"stage{stage}" / f"seed{seed}"
+                    run_name = f"run{cfg.source_runs.index(run_dir)}" if run_dir in cfg.source_runs else Path(run_dir).name
+                    folder = output_dir / "finetune" / name / run_name / f"stage{stage}" / f"seed{seed}"
                     top1 = finetune(target_cfg, cfg, path, seed, folder, accelerator)
                     results.append({**record, "method": "finetune", "top1": top1})
             shown = ", ".join(f"{r['target']} {r['method']} {r['top1']:.1f}" for r in results[-len(targets) * len(cfg.methods):])

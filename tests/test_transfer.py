@@ -64,7 +64,7 @@ def test_full_path(source_run, tmp_path):
     init = summary["random_init"]
     assert init["stage"] == "init" and init["source_top1"] is None and set(init["targets"]) == {"rest", "rest_few"}
     assert len(summary["results"]) == 2 * 3 * 2 * 2  # seeds x (2 stages + init) x targets x methods
-    finetuned = out / "finetune" / "rest" / source_run.name / "stage1" / "seed1" / "summary.json"
+    finetuned = out / "finetune" / "rest" / "run0" / "stage1" / "seed1" / "summary.json"  # runs by index: no clashes
     assert json.loads(finetuned.read_text())["config"]["init_from"].endswith("stage1")
     table = (out / "transfer.md").read_text()
     assert "| random init |" in table and "rest: linear probe" in table and "± " in table and "minus stage 1" in table

@@ -52,7 +52,6 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Deque, Dict, List, Optional, Tuple
 
-ACTIONS = ("continue", "decay", "finish")
 BUCKETS_PER_WINDOW = 25
 DEFAULT_WINDOW_SHARE = 0.2
 DEFAULT_WINDOW_EPOCHS = 2
