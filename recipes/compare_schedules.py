@@ -18,7 +18,6 @@ marked) and `pareto[_TASK].png` (accuracy against epochs used, one point per sch
 bars, the Pareto front drawn), and prints the tables.
 """
 import json
-import multiprocessing
 import os
 import statistics
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -32,7 +31,7 @@ from matplotlib.figure import Figure
 from tqdm.auto import tqdm
 
 from peer_schedules import PEERS, POLICIES, choose_oracle, oracle_curve, oracle_search
-from training import TASKS, TrainConfig, load_config, train_run
+from training import TASKS, TrainConfig, load_config, run_in_pool, train_run
 
 # name -> the TrainConfig settings that make a schedule train_run knows; "step" is the baseline.
 COMPARED_SCHEDULES = {name: peer.settings for name, peer in PEERS.items() if peer.kind == "train_run"}
@@ -70,18 +69,6 @@ def train_compared_schedule(job: tuple) -> dict:
     else:
         result = train_run(cfg, Accelerator())
     return {**result, "schedule": name, "task": cfg.task}
-
-
-def train_all(runs: list[tuple[str, TrainConfig]], processes: int):
-    """Yield the runs' results as they finish, from a pool of worker processes ("spawn": each starts
-    its own torch and Accelerate state) or, for one process, in this one."""
-    if processes == 1:
-        yield from map(train_compared_schedule, runs)
-        return
-    with multiprocessing.get_context("spawn").Pool(processes) as pool:
-        yield from pool.imap_unordered(train_compared_schedule, runs)
-        pool.close()  # let the workers exit cleanly rather than be terminated
-        pool.join()
 
 
 def plot_curves(results: list[dict], names: list[str], path: Path) -> None:
@@ -265,7 +252,7 @@ def main():
     runs.sort(key=lambda job: job[0] != "oracle")  # the longest jobs first
     accelerator.print(f"{len(runs)} runs ({' '.join(cfg.schedules)} x seeds {cfg.seeds} x tasks {tasks}), "
                       f"{cfg.jobs} at once")
-    finished_runs = train_all(runs, min(cfg.jobs, len(runs)))
+    finished_runs = run_in_pool(train_compared_schedule, runs, min(cfg.jobs, len(runs)))
     show_progress = accelerator.is_local_main_process
     results = list(tqdm(finished_runs, total=len(runs), desc="runs", disable=not show_progress))
     results, oracles = resolve_oracle(results, cfg, cfg.epochs)

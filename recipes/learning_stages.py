@@ -23,7 +23,6 @@ with `method`, `seed`, `decays[j]` = {epoch, loss_ratio, acc_jump_pp, ...}; the 
 `learning_stages.png` (the paper-style figure) and `learning_stages.md` (the table).
 """
 import math
-import multiprocessing
 import os
 import statistics
 from dataclasses import dataclass, field, fields, replace
@@ -34,7 +33,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from training import TrainConfig, load_config, make_accelerator, train_run, write_study
+from training import TrainConfig, load_config, make_accelerator, run_in_pool, train_run, write_study
 
 METHODS = ("sgd_step", "gd_step", "autodecay")
 METHOD_LABELS = {"sgd_step": "SGD, StepDecay", "gd_step": "full-batch GD, StepDecay", "autodecay": "SGD, AutoDecay",
@@ -103,14 +102,12 @@ def run_one(job: tuple[str, TrainConfig]) -> dict:
 
 
 def run_all(jobs: list, processes: int, accelerator):
-    if accelerator.num_processes > 1 or processes == 1:
+    """Under several processes the runs are data-parallel, one after the other; else whole runs in a pool."""
+    if accelerator.num_processes > 1:
         for method, cfg in jobs:
             yield {**train_run(cfg, accelerator), "method": method}
         return
-    with multiprocessing.get_context("spawn").Pool(processes) as pool:
-        yield from pool.imap_unordered(run_one, jobs)
-        pool.close()
-        pool.join()
+    yield from run_in_pool(run_one, jobs, processes)
 
 
 def budget_fraction_scale(run: dict, budget: int) -> float:

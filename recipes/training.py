@@ -27,6 +27,7 @@ import dataclasses
 import functools
 import itertools
 import json
+import multiprocessing
 import os
 import time
 import typing
@@ -778,6 +779,18 @@ class RunState:
     def load_state_dict(self, state: dict) -> None:
         for key, value in json.loads(state["json"]).items():
             setattr(self, key, value)
+
+
+def run_in_pool(function, jobs: list, processes: int):
+    """Yield `function(job)` for every job as it finishes: in a pool of worker processes ("spawn":
+    each starts its own torch and Accelerate state), or in this process when `processes` is 1."""
+    if processes == 1:
+        yield from map(function, jobs)
+        return
+    with multiprocessing.get_context("spawn").Pool(processes) as pool:
+        yield from pool.imap_unordered(function, jobs)
+        pool.close()  # let the workers exit cleanly rather than be terminated
+        pool.join()
 
 
 def write_study(output_dir: str, name: str, runs: list[dict], table: str, cfg) -> Path:
