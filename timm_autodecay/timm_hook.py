@@ -23,7 +23,7 @@ from __future__ import annotations
 import os
 import sys
 
-__all__ = ["install", "register", "uninstall", "is_registered"]
+__all__ = ["install", "register"]
 
 TARGET = "timm.scheduler"
 _MARK = "__timm_autodecay_original__"
@@ -91,26 +91,6 @@ def install() -> None:
         return
     if _finder() is None:
         sys.meta_path.insert(0, _TimmSchedulerFinder())
-
-
-def uninstall() -> None:
-    """Remove the finder and restore timm's own functions (for tests)."""
-    finder = _finder()
-    if finder is not None:
-        sys.meta_path.remove(finder)
-    for name in (TARGET, TARGET + ".scheduler_factory"):
-        module = sys.modules.get(name)
-        if module is None:
-            continue
-        for attr in ("create_scheduler_v2", "scheduler_kwargs"):
-            original = getattr(getattr(module, attr, None), _MARK, None)
-            if original is not None:
-                setattr(module, attr, original)
-
-
-def is_registered() -> bool:
-    module = sys.modules.get(TARGET)
-    return module is not None and hasattr(getattr(module, "create_scheduler_v2", None), _MARK)
 
 
 def register(module=None) -> None:
