@@ -750,7 +750,7 @@ def evaluate_dataset(model, dataset, streaming: bool, batch_size: int, workers: 
 def evaluate_all(model, task, cfg: TrainConfig, accelerator) -> dict:
     """test_loss and test_top1, plus test_top1_NAME for each of the task's extra test sets."""
     batch_size = cfg.eval_batch_size or min(cfg.batch_size, 1024)
-    model = accelerator.unwrap_model(model)  # no collective in evaluation: processes may read unequal shares
+    model = accelerator.unwrap_model(model)  # DDP's forward syncs buffers; processes may read unequal shares
     if isinstance(task, ImageTask):
         loss, top1 = evaluate_dataset(model, task.test, task.streaming, batch_size, cfg.workers, accelerator)
         return {"test_loss": loss, "test_top1": top1}
