@@ -128,7 +128,7 @@ def test_a_window_of_only_non_finite_losses_raises():
 
 
 def test_state_size_does_not_grow_with_run_length():
-    detector = StageDetector(window=200, num_stages=1)
+    detector = StageDetector(window=200, num_stages=1, min_progress=0.0)  # the trend alone: never ends
     sizes, points = {}, {}
     for n in range(1, 200_001):
         detector.observe(math.exp(-n / 10_000) * (1 + 0.01 * math.sin(n)))  # 2% per window: never ends
@@ -173,7 +173,11 @@ def test_loading_state_with_other_settings_is_refused():
         ({"updates_per_epoch": 0}, "updates_per_epoch"),
         ({"window": 1}, "window"),
         ({"significance": -1.0}, "significance"),
-        ({"min_relative_drop": 1.5}, "1.5"),
+        ({"min_progress": 1.5}, "1.5"),
+        ({"decay_shape": "linear"}, "linear"),
+        ({"cooldown_fraction": 0.0}, "cooldown_fraction"),
+        ({"cooldown_curve": "sqrt"}, "sqrt"),
+        ({"num_stages": 4, "total_updates": 3}, "num_stages"),
         ({"num_stages": 2.5}, "2.5"),
         ({"total_updates": 100, "warmup_updates": 100}, "warmup_updates"),
     ],

@@ -7,28 +7,33 @@ The test, in plain words
 ------------------------
 Time is counted in optimizer updates. Losses are averaged into buckets (``window / 25`` updates
 each, or coarser if the caller observes coarser). Over the last ``window`` updates of the current
-stage an ordinary least-squares line is fitted through the bucket means (weighted by their update
-counts). Its slope is judged against the loss's own noise: the residual scatter around the line,
-inflated for the lag-1 autocorrelation of the residuals (SGD noise is correlated over nearby
+stage a line is fitted through the bucket means (``trend.py``: robust to a bad batch, then weighted
+least squares). Its slope is judged against the loss's own noise: the residual scatter around the
+line, inflated for the lag-1 autocorrelation of the residuals (SGD noise is correlated over nearby
 updates; without this the test would see trends in the wander of the loss). That gives
 
 * ``t``: how many standard errors the loss is still falling per update, and
-* ``drop``: how much the fitted line falls over one window, relative to the mean loss there.
+* ``progress``: how much the fitted line falls over the window (plus ``significance`` standard
+  errors), as a share of how far the stage's loss has fallen since the stage's first window.
 
 The loss *has stopped decreasing at a rate that matters* when either there is no significant
-decrease (``t < significance``), or the decrease is confidently small (``drop`` plus
-``significance`` standard errors is below ``min_relative_drop``; this ends stages in runs so quiet
-that any tiny slope is significant). Both are ratios of loss differences, so a loss of 7.0 behaves
-exactly like one of 0.07. The condition must hold without a break for ``patience`` updates, and is
-only looked at once the stage is a whole window old: the sharp drop right after a decay is a
-strong, significant decrease and cannot end a stage. The first stage starts from random weights,
-not from a plateau: its loss has a long tail, and the wander of the highest learning rate fakes
-short plateaus, so its plateau must also last ``first_stage_patience`` of the stage's age.
+decrease (``t < significance``), or the decrease is confidently small next to what the stage has
+already achieved (``progress < min_progress``: diminishing returns, which ends stages in runs so
+quiet that any tiny slope is significant). Both are ratios of loss differences, so the decisions do
+not change when the loss is replaced by ``a * loss + b`` (a > 0): a loss of 7.0 behaves like 0.07,
+and label smoothing, an entropy floor or a regulariser in the loss change nothing. The condition
+must hold without a break for ``patience`` updates, and is only looked at once the stage is a whole
+window old: the sharp drop right after a decay is a strong, significant decrease and cannot end a
+stage. The first stage starts from random weights, not from a plateau: its loss has a long tail,
+and the wander of the highest learning rate fakes short plateaus, so its plateau must also last
+``first_stage_patience`` of the stage's age.
 
-On a plateau the detector answers ``decay``, or ``finish`` in the last stage. With a budget
-(``total_updates``), no stage may outlast its share ``(total_updates - warmup_updates) / num_stages``
-(the StepDecay milestone it replaces); reaching it ends the stage (reason ``budget``). So AutoDecay is
-never slower than StepDecay and never ends at a high learning rate.
+On a plateau the detector answers ``decay``, and at the end of the last stage ``finish`` (step
+shape) or ``cooldown`` (cooldown shape: the LR anneals to its floor over ``cooldown_fraction`` of
+the whole run, then ``finish``). With a budget (``total_updates``), no stage may outlast its share
+of the budget left after warmup and cooldown (the StepDecay milestone it replaces); reaching it ends
+the stage (reason ``budget``). So AutoDecay is never slower than the schedule it replaces and never
+ends at a high learning rate. ``lr_at`` turns the decisions into a learning rate, for every face.
 
 Defaults and why
 ----------------
@@ -40,9 +45,13 @@ Defaults and why
   until epoch 8.4). Ending the first stage early costs the most accuracy.
 * ``significance``: 1.64 standard errors (95% one-sided): a stage goes on only while the loss is
   clearly still falling; a slow creep that the noise can hide is not worth the time.
-* ``min_relative_drop``: 1% per window: a loss falling slower than that does not matter.
+* ``min_progress``: 5%: a window that adds less than a twentieth of the stage's decrease so far is
+  not worth its time. A loss falling in a straight line never trips it within its budget share
+  (there the last window is at least a quarter of the stage's decrease).
 * ``min_points``: 8 buckets in a window at least, for a meaningful noise estimate; coarser observations
   stretch the window.
+* ``decay_shape``: ``step``, the paper's schedule; ``cooldown`` for AdamW-trained transformers,
+  where a short anneal to zero is worth more than a tenfold step (see the README's benchmarks).
 """
 from __future__ import annotations
 
@@ -52,32 +61,28 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Deque, Dict, List, Optional, Tuple
 
+from . import state as saved_state
+from .settings import COOLDOWN_CURVES, DECAY_SHAPES, DEFAULTS, SETTINGS, check_choice, check_float, check_int
+from .state import STATE_VERSION, StateError, check_state_fields
+from .trend import fit_trend
+
+__all__ = ["Decision", "FollowsDetector", "SETTINGS", "STATE_VERSION", "StageDetector", "StateError",
+           "check_float", "check_int", "check_state_fields"]
+
 BUCKETS_PER_WINDOW = 25
 DEFAULT_WINDOW_SHARE = 0.2
 DEFAULT_WINDOW_EPOCHS = 2
 DEFAULT_WINDOW_UPDATES = 500
-
-# name -> (type, default, help): the single source of the detector's settings (CLI flags, timm
-# YAML keys and callback arguments are generated from it).
-SETTINGS: Dict[str, Tuple[type, Any, str]] = {
-    "num_stages": (int, 3, "stages in the run; the last one's plateau ends training"),
-    "total_updates": (int, None, "budget in updates; no stage outlasts (budget - warmup) / num_stages"),
-    "updates_per_epoch": (int, None, "sets the default window (2 epochs) when there is no budget"),
-    "warmup_updates": (int, 0, "updates ignored at the start (learning-rate warmup)"),
-    "window": (int, None, "updates over which the loss trend is fitted (default: share / 5)"),
-    "patience": (int, None, "updates the plateau condition must hold (default: 0.4 windows)"),
-    "significance": (float, 1.64, "standard errors of decrease needed to keep a stage going"),
-    "min_relative_drop": (float, 0.01, "relative decrease per window below which a stage has ended"),
-    "min_points": (int, 8, "fewest buckets a window may hold"),
-    "first_stage_patience": (float, 0.4, "the first plateau must also last this fraction of the stage's age"),
-}
+DEFAULT_PATIENCE_WINDOWS = 0.4
+DEFAULT_STAGES = {"step": 3, "cooldown": 1}
+ROUNDING = 1e-9  # budget shares are fractions of updates; compare them with this slack
 
 
 @dataclass(frozen=True)
 class Decision:
     """What to do after an observation, and why."""
 
-    action: str
+    action: str  # continue | decay | cooldown | finish
     stage: int
     update: int
     reason: str = ""
@@ -86,43 +91,6 @@ class Decision:
     @property
     def changed(self) -> bool:
         return self.action != "continue"
-
-
-def check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> Optional[int]:
-    if value is None and allow_none:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) and not (
-        isinstance(value, float) and value.is_integer()
-    ):
-        raise ValueError(f"{name} must be an integer, got {value!r}")
-    if value < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-    return int(value)
-
-
-def check_float(name: str, value: Any, low: float, high: float = math.inf) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value < high:
-        raise ValueError(f"{name} must be a number in [{low}, {high}), got {value!r}")
-    return float(value)
-
-
-def fit_trend(points: List[Tuple[float, float, float]]) -> Tuple[float, float, float]:
-    """Weighted OLS of (time, value, weight) points: slope, its autocorrelation-aware standard
-    error, and the weighted mean value."""
-    total = sum(w for _, _, w in points)
-    t_mean = sum(t * w for t, _, w in points) / total
-    y_mean = sum(y * w for _, y, w in points) / total
-    sxx = sum(w * (t - t_mean) ** 2 for t, _, w in points)
-    sxy = sum(w * (t - t_mean) * (y - y_mean) for t, y, w in points)
-    slope = sxy / sxx
-    residuals = [(y - y_mean - slope * (t - t_mean), w) for t, y, w in points]
-    rss = sum(w * r * r for r, w in residuals)
-    n = len(points)
-    variance = rss / (n - 2) / sxx
-    lag1 = sum(a * b for (a, _), (b, _) in zip(residuals, residuals[1:]))
-    sq = sum(r * r for r, _ in residuals)
-    rho = min(max(lag1 / sq, 0.0), 0.9) if sq > 0 else 0.0
-    return slope, math.sqrt(variance * (1 + rho) / (1 - rho)), y_mean
 
 
 class FollowsDetector:
@@ -137,7 +105,7 @@ class FollowsDetector:
 
     @property
     def finished(self) -> bool:
-        """True once the last learning stage has ended: training should stop."""
+        """True once the last learning stage (and its cooldown) has ended: training should stop."""
         return self.detector.finished
 
     @property
@@ -145,50 +113,64 @@ class FollowsDetector:
         return self.detector.history
 
 
+def cooldown_factor(curve: str, progress: float) -> float:
+    """Share of the way from the floor to the stage LR left at ``progress`` (0..1) of the cooldown."""
+    progress = min(max(progress, 0.0), 1.0)
+    if curve == "1-sqrt":
+        return 1.0 - math.sqrt(progress)
+    if curve == "linear":
+        return 1.0 - progress
+    return 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
 class StageDetector:
     """Ends each learning stage once the training loss stops decreasing at a rate that matters.
 
-    ``observe(value, count)`` takes the mean loss of ``count`` consecutive updates and returns a
-    :class:`Decision`. See the module docstring for the test and its defaults.
+    ``StageDetector(**settings)`` with the names of ``SETTINGS`` (all optional; pass the run's shape:
+    ``total_updates``, ``updates_per_epoch``). ``observe(value, count)`` takes the mean loss of
+    ``count`` consecutive updates and returns a :class:`Decision`. See the module docstring.
     """
 
     SETTINGS = SETTINGS
 
-    def __init__(
-        self,
-        num_stages: int = 3,
-        total_updates: Optional[int] = None,
-        updates_per_epoch: Optional[int] = None,
-        warmup_updates: int = 0,
-        window: Optional[int] = None,
-        patience: Optional[int] = None,
-        significance: float = 1.64,
-        min_relative_drop: float = 0.01,
-        min_points: int = 8,
-        first_stage_patience: float = 0.4,
-    ):
-        self.num_stages = check_int("num_stages", num_stages, 1)
-        self.total_updates = check_int("total_updates", total_updates, 1, allow_none=True)
-        self.updates_per_epoch = check_int("updates_per_epoch", updates_per_epoch, 1, allow_none=True)
-        self.warmup_updates = check_int("warmup_updates", warmup_updates, 0)
-        self.significance = check_float("significance", significance, 0.0)
-        self.min_relative_drop = check_float("min_relative_drop", min_relative_drop, 0.0, 1.0)
-        self.min_points = check_int("min_points", min_points, 3)
-        self.first_stage_patience = check_float("first_stage_patience", first_stage_patience, 0.0)
-        if self.total_updates is not None:
-            if self.warmup_updates >= self.total_updates:
-                raise ValueError(
-                    f"warmup_updates ({warmup_updates}) must be smaller than total_updates ({total_updates})"
-                )
-            self.stage_budget: Optional[float] = (self.total_updates - self.warmup_updates) / self.num_stages
-        else:
-            self.stage_budget = None
-        self.window = check_int("window", window, 2, allow_none=True) or self._default_window()
-        self.patience = check_int("patience", patience, 0, allow_none=True)
-        if self.patience is None:
-            self.patience = int(round(0.4 * self.window))
+    def __init__(self, **settings: Any):
+        unknown = sorted(set(settings) - set(SETTINGS))
+        if unknown:
+            raise ValueError(f"unknown AutoDecay setting(s) {unknown}; known: {sorted(SETTINGS)}")
+        given = {**DEFAULTS, **settings}
+        self.decay_shape = check_choice("decay_shape", given["decay_shape"], DECAY_SHAPES)
+        self.cooldown_curve = check_choice("cooldown_curve", given["cooldown_curve"], COOLDOWN_CURVES)
+        self.cooldown_fraction = check_float("cooldown_fraction", given["cooldown_fraction"], 0.0, 1.0)
+        if self.cooldown_fraction == 0.0:
+            raise ValueError("cooldown_fraction must be in (0, 1), got 0.0")
+        stages = given["num_stages"]
+        self.num_stages = DEFAULT_STAGES[self.decay_shape] if stages is None else check_int("num_stages", stages, 1)
+        self.total_updates = check_int("total_updates", given["total_updates"], 1, allow_none=True)
+        self.updates_per_epoch = check_int("updates_per_epoch", given["updates_per_epoch"], 1, allow_none=True)
+        self.warmup_updates = check_int("warmup_updates", given["warmup_updates"], 0)
+        self.significance = check_float("significance", given["significance"], 0.0)
+        self.min_progress = check_float("min_progress", given["min_progress"], 0.0, 1.0)
+        self.min_points = check_int("min_points", given["min_points"], 3)
+        self.first_stage_patience = check_float("first_stage_patience", given["first_stage_patience"], 0.0)
+        self.stage_budget = self._stage_budget()
+        self.window = check_int("window", given["window"], 2, allow_none=True) or self._default_window()
+        patience = check_int("patience", given["patience"], 0, allow_none=True)
+        self.patience = int(round(DEFAULT_PATIENCE_WINDOWS * self.window)) if patience is None else patience
         self.bucket_size = max(1, self.window // BUCKETS_PER_WINDOW)
         self._reset_run()
+
+    def _stage_budget(self) -> Optional[float]:
+        if self.total_updates is None:
+            return None
+        stable = self.total_updates * (1.0 - self.cooldown_fraction if self.decay_shape == "cooldown" else 1.0)
+        if self.warmup_updates >= stable:
+            what = "total_updates" if self.decay_shape == "step" else "the budget before the cooldown"
+            raise ValueError(f"warmup_updates ({self.warmup_updates}) must be smaller than {what} "
+                             f"({stable:g} of total_updates={self.total_updates})")
+        if self.num_stages > stable - self.warmup_updates:
+            raise ValueError(f"num_stages ({self.num_stages}) exceeds the updates the budget leaves for stages "
+                             f"({stable - self.warmup_updates:g}): raise total_updates or lower num_stages")
+        return (stable - self.warmup_updates) / self.num_stages
 
     def _default_window(self) -> int:
         if self.stage_budget is not None:
@@ -202,6 +184,8 @@ class StageDetector:
         self.stage = 0
         self.finished = False
         self.stage_start = self.warmup_updates
+        self.cooldown_start: Optional[int] = None
+        self.cooldown_updates: Optional[int] = None
         self.nonfinite_losses = 0
         self.nonfinite_streak = 0
         self.history: List[Dict[str, Any]] = []
@@ -212,6 +196,7 @@ class StageDetector:
         self._bucket_count = 0
         self._points: Deque[Tuple[float, float, float]] = deque()
         self._plateau_since: Optional[int] = None
+        self._stage_reference: Optional[float] = None  # fitted loss one window into the stage
 
     # -- settings ---------------------------------------------------------------------------
     def settings(self) -> Dict[str, Any]:
@@ -220,24 +205,36 @@ class StageDetector:
 
     @classmethod
     def from_settings(cls, settings: Dict[str, Any]) -> "StageDetector":
-        unknown = sorted(set(settings) - set(SETTINGS))
-        if unknown:
-            raise ValueError(f"unknown AutoDecay setting(s) {unknown}; known: {sorted(SETTINGS)}")
         return cls(**settings)
 
     @property
+    def in_cooldown(self) -> bool:
+        return self.cooldown_start is not None
+
+    @property
     def next_observation_in(self) -> int:
-        """Updates until the detector next wants a value: its bucket is full or a budget boundary
-        is reached. Adapters that accumulate on a device read it back only then."""
+        """Updates until the detector next wants a value: its bucket is full, a budget boundary or
+        the end of the cooldown is reached. Adapters that accumulate on a device read it back only then."""
         if self.finished:
             return 0
+        if self.in_cooldown:
+            return max(1, self.cooldown_start + self.cooldown_updates - self.update)
         due = self.bucket_size - self._bucket_count
         if self.update < self.warmup_updates:
             due = self.warmup_updates - self.update
         if self.stage_budget is not None:
-            boundary = math.ceil(self.stage_start + self.stage_budget - 1e-9)
+            boundary = math.ceil(self.stage_start + self.stage_budget - ROUNDING)
             due = min(due, max(1, boundary - self.update))
         return max(1, due)
+
+    def lr_at(self, update: int, base_lr: float, decay_rate: float, min_lr: float = 0.0) -> float:
+        """The learning rate after ``update`` updates: ``base_lr * decay_rate ** stage``, and during
+        the cooldown on its curve from there down to ``min_lr``."""
+        stage_lr = base_lr * decay_rate ** self.stage
+        if not self.in_cooldown:
+            return stage_lr
+        progress = (update - self.cooldown_start) / self.cooldown_updates
+        return min_lr + (stage_lr - min_lr) * cooldown_factor(self.cooldown_curve, progress)
 
     # -- the decision ------------------------------------------------------------------------
     def observe(self, value: float, count: int = 1, nonfinite: int = 0) -> Decision:
@@ -255,6 +252,8 @@ class StageDetector:
             self._observe_nonfinite(value, count, nonfinite or count)
         elif nonfinite:
             self._count_nonfinite(nonfinite)
+        if self.in_cooldown:
+            return self._cooldown_step()
         if self.update <= self.warmup_updates:
             return Decision("continue", self.stage, self.update, "warmup")
         if finite:
@@ -265,7 +264,7 @@ class StageDetector:
             if self._bucket_count >= self.bucket_size:
                 self._add_point()
         age = self.update - self.stage_start
-        if self.stage_budget is not None and age >= self.stage_budget - 1e-9:
+        if self.stage_budget is not None and age >= self.stage_budget - ROUNDING:
             return self._end_stage("budget", {"age": age})  # time, not the loss, ends it
         if not finite:
             return Decision("continue", self.stage, self.update, "non-finite loss ignored")
@@ -302,14 +301,15 @@ class StageDetector:
     def _test_plateau(self, age: float) -> Decision:
         if age < self.window or len(self._points) < self.min_points or self._bucket_count:
             return Decision("continue", self.stage, self.update)
-        slope, stderr, level = fit_trend(list(self._points))
-        t = -slope / stderr if stderr > 0 else (math.inf if slope < 0 else 0.0)
-        scale = abs(level) if level != 0 else 1.0
-        span = self.window
-        drop = -slope * span / scale
-        drop_upper = drop + self.significance * stderr * span / scale
-        evidence = {"t": t, "relative_drop": drop, "relative_drop_upper": drop_upper}
-        if t >= self.significance and drop_upper >= self.min_relative_drop:
+        trend = fit_trend(list(self._points))
+        t = -trend.slope / trend.stderr if trend.stderr > 0 else (math.inf if trend.slope < 0 else 0.0)
+        if self._stage_reference is None:
+            self._stage_reference = trend.end
+        window_drop = (-trend.slope + self.significance * trend.stderr) * self.window
+        stage_drop = self._stage_reference - trend.end
+        progress = window_drop / stage_drop if stage_drop > 0 else math.inf
+        evidence = {"t": t, "progress": progress}
+        if t >= self.significance and progress >= self.min_progress:
             self._plateau_since = None
             return Decision("continue", self.stage, self.update, "", evidence)
         if self._plateau_since is None:
@@ -325,25 +325,46 @@ class StageDetector:
 
     def _end_stage(self, reason: str, evidence: Dict[str, float]) -> Decision:
         last = self.stage == self.num_stages - 1
-        action = "finish" if last else "decay"
+        action = "decay" if not last else ("cooldown" if self.decay_shape == "cooldown" else "finish")
         self.history.append({"update": self.update, "action": action, "stage": self.stage, "reason": reason})
-        if last:
+        if action == "finish":
             self.finished = True
+        elif action == "cooldown":
+            self._start_cooldown()
         else:
             self.stage += 1
             self.stage_start = self.update
             self._reset_stage()
         return Decision(action, self.stage, self.update, reason, evidence)
 
+    def _start_cooldown(self) -> None:
+        share = self.cooldown_fraction / (1.0 - self.cooldown_fraction)
+        length = max(1, math.ceil(self.update * share - ROUNDING))
+        if self.total_updates is not None:
+            length = max(1, min(length, self.total_updates - self.update))
+        self.cooldown_start, self.cooldown_updates = self.update, length
+        self._reset_stage()
+
+    def _cooldown_step(self) -> Decision:
+        if self.update < self.cooldown_start + self.cooldown_updates:
+            return Decision("continue", self.stage, self.update, "cooldown")
+        self.history.append({"update": self.update, "action": "finish", "stage": self.stage, "reason": "cooldown"})
+        self.finished = True
+        return Decision("finish", self.stage, self.update, "cooldown")
+
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
-        """Everything needed to continue exactly where this detector is (JSON-able)."""
+        """Everything needed to continue exactly where this detector is (JSON-able, versioned)."""
         return {
+            "version": STATE_VERSION,
             "settings": self.settings(),
             "update": self.update,
             "stage": self.stage,
             "finished": self.finished,
             "stage_start": self.stage_start,
+            "stage_reference": self._stage_reference,
+            "cooldown_start": self.cooldown_start,
+            "cooldown_updates": self.cooldown_updates,
             "nonfinite_losses": self.nonfinite_losses,
             "nonfinite_streak": self.nonfinite_streak,
             "history": [dict(h) for h in self.history],
@@ -354,18 +375,21 @@ class StageDetector:
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        if state["settings"] != self.settings():
-            raise ValueError(
-                f"AutoDecay settings differ from the checkpoint's: {state['settings']} != {self.settings()}"
-            )
+        """Restore a state of this release or an older one; raises StateError (a ValueError) naming
+        the bad key, and changes nothing, if any of it is invalid."""
+        state = saved_state.migrate(state)
+        saved_state.validate(state, self.settings())
         self.update = state["update"]
         self.stage = state["stage"]
         self.finished = state["finished"]
         self.stage_start = state["stage_start"]
+        self.cooldown_start = state["cooldown_start"]
+        self.cooldown_updates = state["cooldown_updates"]
         self.nonfinite_losses = state["nonfinite_losses"]
         self.nonfinite_streak = state["nonfinite_streak"]
         self.history = [dict(h) for h in state["history"]]
-        self._bucket_sum = state["bucket_sum"]
+        self._bucket_sum = float(state["bucket_sum"])
         self._bucket_count = state["bucket_count"]
-        self._points = deque(tuple(p) for p in state["points"])
+        self._points = deque(tuple(float(v) for v in p) for p in state["points"])
         self._plateau_since = state["plateau_since"]
+        self._stage_reference = state["stage_reference"]
