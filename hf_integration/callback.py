@@ -38,13 +38,16 @@ import math
 import warnings
 from typing import Any, Dict, List, Optional
 
-import torch
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 from transformers.utils import logging
 
 from timm_autodecay.detector import SETTINGS, Decision, StageDetector
 from timm_autodecay.torch_scheduler import check_decay_rate
+
+from .lambda_lr import adopt_new_groups, initial_lrs, set_base_lrs
+from .loss_logs import DivergenceWatch, read_loss_log
+from .trainer_setup import check_logging, check_scheduler, setting_name
 
 logger = logging.get_logger(__name__)
 
@@ -82,6 +85,7 @@ class AutoDecayCallback(TrainerCallback, ExportableState):
         self._pending_state: Optional[Dict[str, Any]] = None
         self._scheduler = None
         self._optimizer = None
+        self._divergence = DivergenceWatch()
 
     # -- ExportableState ----------------------------------------------------------------------
     def state(self) -> dict:
@@ -121,9 +125,10 @@ class AutoDecayCallback(TrainerCallback, ExportableState):
         key = type(self).__name__  # how the Trainer files ExportableState callbacks
         if isinstance(state.stateful_callbacks.get(key), list):
             raise ValueError("more than one AutoDecayCallback in the Trainer's callbacks; pass one")
-        self._check_scheduler(args, lr_scheduler)
+        check_scheduler(args, lr_scheduler)
         self._scheduler, self._optimizer = lr_scheduler, optimizer
         self.last_decision = None
+        self._divergence = DivergenceWatch()
 
         settings = {
             "total_updates": state.max_steps,
@@ -139,6 +144,7 @@ class AutoDecayCallback(TrainerCallback, ExportableState):
                 f"AutoDecayCallback: the checkpoint at step {state.global_step} holds no AutoDecay state; "
                 "AutoDecay starts at this step and splits the remaining steps into its stages",
                 UserWarning,
+                stacklevel=2,
             )
             settings["warmup_updates"] = max(settings["warmup_updates"], state.global_step)
             self.detector = StageDetector.from_settings(settings)
@@ -150,12 +156,13 @@ class AutoDecayCallback(TrainerCallback, ExportableState):
         state.stateful_callbacks.setdefault(key, self.state())
 
         self._apply_stage_lr()
-        self._check_logging(args, state)
+        check_logging(args, state, self.detector)
         if self.detector.finished:
             warnings.warn(
                 f"AutoDecayCallback: the last stage already ended at step {self.detector.update}; "
                 "training continues at the final learning rate without further decisions",
                 UserWarning,
+                stacklevel=2,
             )
 
     def _saved_state(self, state) -> Optional[Dict[str, Any]]:
@@ -185,6 +192,7 @@ class AutoDecayCallback(TrainerCallback, ExportableState):
                 f"AutoDecayCallback: the checkpoint's settings differ from this run's ({listed}); the "
                 "checkpoint's are kept so the run continues as it started",
                 UserWarning,
+                stacklevel=2,
             )
         self.decay_rate = check_decay_rate(saved["decay_rate"])
         detector = StageDetector.from_settings(checkpoint_settings)
@@ -196,100 +204,70 @@ class AutoDecayCallback(TrainerCallback, ExportableState):
             )
         self.detector = detector
 
-    def _check_scheduler(self, args, lr_scheduler) -> None:
-        if not isinstance(lr_scheduler, torch.optim.lr_scheduler.LambdaLR):
-            name = type(lr_scheduler).__name__
-            raise ValueError(
-                f"AutoDecayCallback composes with LambdaLR schedules (lr_scheduler_type 'constant', "
-                f"'constant_with_warmup', 'linear', 'cosine', ...), got lr_scheduler_type="
-                f"{str(getattr(args.lr_scheduler_type, 'value', args.lr_scheduler_type))!r} ({name})"
-            )
-        if not all("initial_lr" in group for group in lr_scheduler.optimizer.param_groups):
-            raise ValueError("AutoDecayCallback: the optimizer's param groups lack 'initial_lr' (set by LRScheduler)")
-
-    def _check_logging(self, args, state) -> None:
-        strategy = getattr(args.logging_strategy, "value", args.logging_strategy)
-        if strategy == "no":
-            raise ValueError(
-                "AutoDecayCallback reads the training loss from the Trainer's logs, but logging_strategy='no'; "
-                "set logging_strategy='steps' and logging_steps"
-            )
-        detector = self.detector
-        if strategy == "epoch":
-            interval = math.ceil(state.max_steps / max(state.num_train_epochs, 1))
-            what = f"logging_strategy='epoch' ({interval} steps per log)"
-        else:
-            interval = state.logging_steps
-            what = f"logging_steps={interval}"
-        per_window = detector.window / interval
-        if per_window < detector.min_points:
-            needed = detector.window // detector.min_points
-            stretched = detector.min_points * interval
-            consequence = f"it stretches its window to {stretched} steps, so stages end later"
-            if detector.stage_budget is not None and stretched >= detector.stage_budget - detector.patience:
-                consequence = (
-                    f"a stretched window ({stretched} steps) does not fit in a stage's share of the budget "
-                    f"({detector.stage_budget:g} steps): stages end only at the budget, like StepDecay"
-                )
-            if detector.window >= detector.min_points:
-                advice = (f"Set logging_steps <= {needed} in TrainingArguments (logging_strategy='steps'), "
-                          "or pass window=... to AutoDecayCallback")
-            else:
-                advice = (f"The window is shorter than {detector.min_points} steps, too short even when logging "
-                          f"every step: pass window=... (>= {detector.min_points} x logging_steps) to "
-                          "AutoDecayCallback, or train longer")
-            if state.is_local_process_zero:
-                warnings.warn(
-                    f"AutoDecayCallback: {what} gives {per_window:.2g} loss logs per AutoDecay window of "
-                    f"{detector.window} steps; the detector needs >= {detector.min_points} (min_points), "
-                    f"{consequence}. {advice}",
-                    UserWarning,
-                )
-
     # -- the learning rate ------------------------------------------------------------------------
+    def _rate_factor(self) -> float:
+        """The current rate relative to each group's initial LR."""
+        return self.decay_rate ** self.detector.stage
+
     def _apply_stage_lr(self) -> None:
         """base_lrs = initial LR x decay_rate ** stage, and the next step's LR with it. Idempotent: the
         same on a fresh start, after scheduler.pt was loaded, or after a decay."""
         scheduler = self._scheduler
-        factor = self.decay_rate ** self.detector.stage
-        groups = scheduler.optimizer.param_groups
-        scheduler.base_lrs = [group["initial_lr"] * factor for group in groups]
-        lrs = [base * fn(scheduler.last_epoch) for base, fn in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
-        for group, lr in zip(groups, lrs):
-            if isinstance(group["lr"], torch.Tensor):
-                group["lr"].fill_(lr)
-            else:
-                group["lr"] = lr
-        scheduler._last_lr = [group["lr"] for group in groups]
+        adopt_new_groups(scheduler, self._rate_factor())
+        factor = self._rate_factor()
+        set_base_lrs(scheduler, [lr * factor for lr in initial_lrs(scheduler)])
 
-    # -- the signal --------------------------------------------------------------------------------
+    # -- every step: new param groups, and a loss log wherever the detector must look --------------
+    def on_optimizer_step(self, args, state, control, **kwargs):
+        # between optimizer.step() and the scheduler's step, which fails on a group it does not know
+        if self.detector is not None:
+            adopt_new_groups(self._scheduler, self._rate_factor())
+        return control
+
     def on_step_end(self, args, state, control, **kwargs):
-        return self._log_before_save(control)
+        return self._ask_for_log(state, control)
 
     def on_epoch_end(self, args, state, control, **kwargs):
-        return self._log_before_save(control)
+        return self._ask_for_log(state, control)
 
-    def _log_before_save(self, control):
-        # A checkpoint then always follows a loss log: the Trainer drops unlogged losses when it resumes,
-        # so without this a run resumed from a checkpoint between logs would see a different loss.
-        # (DefaultFlowCallback, first in the Trainer's list, has already decided should_save.)
-        if control.should_save and self.detector is not None and not self.detector.finished:
+    def _ask_for_log(self, state, control):
+        """A loss log at every checkpoint (the Trainer drops unlogged losses when it resumes, so a run
+        resumed between logs would see a different loss) and at every budget boundary (a stage ends at
+        its share of the budget exactly, whatever the logging interval). DefaultFlowCallback, first in
+        the Trainer's list, has already decided should_save and should_log."""
+        if self.detector is None or self.detector.finished:
+            return control
+        boundary = self._next_boundary()
+        if control.should_save or state.global_step == boundary:
             control.should_log = True
         return control
 
+    def _next_boundary(self) -> Optional[int]:
+        """The step at which time alone ends the current stage (its share of the budget), if any."""
+        detector = self.detector
+        if detector.stage_budget is None:
+            return None
+        return max(detector.warmup_updates + 1, math.ceil(detector.stage_start + detector.stage_budget - 1e-9))
+
+    # -- the signal --------------------------------------------------------------------------------
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.detector is None or not logs or "loss" not in logs:
             return control  # eval logs, the closing summary (train_loss), or before training
         stage = self.detector.stage
+        extra: Dict[str, Any] = {"autodecay/stage": stage}
         if self.detector.finished:
-            self._annotate(state, logs, {"autodecay/stage": stage})
+            self._annotate(state, logs, extra)
             return control
         count = state.global_step - self.detector.update
         if count <= 0:
             return control
-        decision = self.detector.observe(logs["loss"], count)
+        log = read_loss_log(logs)
+        self._divergence.update(state.global_step, log)  # raises once the run has diverged
+        if not log.trusted:
+            self._leave_out(args, state, control, log, logs, extra)
+            return control
+        decision = self.detector.observe(log.loss, count)
         self.last_decision = decision
-        extra: Dict[str, Any] = {"autodecay/stage": stage}
         if decision.changed:
             extra["autodecay/decision"] = decision.action
             extra["autodecay/reason"] = decision.reason
@@ -304,9 +282,23 @@ class AutoDecayCallback(TrainerCallback, ExportableState):
         elif decision.action == "finish":
             logger.info(f"AutoDecay: last stage ended at step {decision.update} ({decision.reason}); stopping")
             control.should_training_stop = True
-            if getattr(args.save_strategy, "value", args.save_strategy) != "no":
+            if setting_name(args.save_strategy) != "no":
                 control.should_save = True
         return control
+
+    def _leave_out(self, args, state, control, log, logs, extra) -> None:
+        """A log whose loss may hold the NaN filter's substitutes: not observed (its steps count with the
+        next log), and no checkpoint of possibly non-finite weights."""
+        extra["autodecay/ignored"] = log.describe()
+        self._annotate(state, logs, extra)
+        vetoed = ""
+        if log.weights_suspect and control.should_save:
+            control.should_save = False
+            vetoed = "; no checkpoint is written at this step"
+        logger.warning(
+            f"AutoDecay: the loss log at step {state.global_step} is left out ({log.describe()}: some training "
+            f"losses or the last gradient were non-finite){vetoed}"
+        )
 
     @staticmethod
     def _annotate(state, logs, extra: Dict[str, Any]) -> None:

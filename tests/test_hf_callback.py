@@ -1,11 +1,7 @@
-"""The Transformers callback (issue 4): a tiny Trainer run written as a user would, with AutoDecay's
-defaults; exact resumes with and without restore_callback_states_from_checkpoint; two processes deciding
-alike; bad settings; the timm recipe's smoke run.
-
-The task: a 64-unit MLP on a fixed random 4-class problem with 10% label noise, trained with SGD at a
-learning rate high enough that the loss stalls: each stage plateaus clearly, so the default detector
-ends stages well before the budget. This file is also the worker of the two-process test:
-``torchrun --nproc_per_node 2 tests/test_hf_callback.py OUT.json``.
+"""The Transformers callback: a tiny Trainer run written as a user would, with AutoDecay's defaults; exact
+resumes with and without restore_callback_states_from_checkpoint; two processes deciding alike; bad
+settings; the timm recipe's smoke run. The task is ``hf_trainer_tasks``'s. This file is also the worker of
+the two-process test: ``torchrun --nproc_per_node 2 tests/test_hf_callback.py OUT.json``.
 """
 import json
 import os
@@ -18,96 +14,23 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
-from torch import nn
-from transformers import Trainer, TrainerCallback, TrainingArguments
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from hf_trainer_tasks import (  # noqa: E402
+    LR,
+    MAX_STEPS,
+    LRRecorder,
+    NoisyClassification,
+    RankLossMLP,
+    StopAt,
+    loss_logs,
+    user_trainer,
+)
 
 from hf_integration import AutoDecayCallback, find_autodecay_callback  # noqa: E402
-
-MAX_STEPS = 1500  # default window = 1500 / 3 / 5 = 100 steps = 10 logs of 10 steps
-LR = 3.0
-
-
-class NoisyClassification(torch.utils.data.Dataset):
-    """2048 fixed points, labels from a random linear map, 10% of them replaced by random labels."""
-
-    def __init__(self, n=2048, dim=16, classes=4, noise=0.1, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        self.x = torch.randn(n, dim, generator=g)
-        labels = (self.x @ torch.randn(dim, classes, generator=g)).argmax(1)
-        flip = torch.rand(n, generator=g) < noise
-        labels[flip] = torch.randint(0, classes, (int(flip.sum()),), generator=g)
-        self.labels = labels
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return {"x": self.x[i], "labels": self.labels[i]}
-
-
-class MLP(nn.Module):
-    def __init__(self, dim=16, hidden=64, classes=4):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, classes))
-
-    def forward(self, x, labels=None):
-        logits = self.net(x)
-        return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
-
-
-class RankLossMLP(MLP):
-    """Also keeps this process's own (not yet averaged) batch losses: the two-process test checks that
-    the ranks train on different data and still see the same logged loss."""
-
-    def __init__(self):
-        super().__init__()
-        self.local_losses = []
-
-    def forward(self, x, labels=None):
-        out = super().forward(x, labels)
-        if self.training:
-            self.local_losses.append(out["loss"].item())
-        return out
-
-
-class LRRecorder(TrainerCallback):
-    """The LR each optimizer step actually uses, read from the optimizer right before it steps."""
-
-    def __init__(self):
-        self.used = {}
-
-    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
-        self.used[state.global_step + 1] = [group["lr"] for group in optimizer.param_groups]
-
-
-class StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.step:
-            control.should_training_stop = True
-            control.should_save = True
-
-
-def user_trainer(output_dir, callbacks, eval_dataset=None, model_class=MLP, **overrides):
-    """A Trainer as a user writes it: nothing AutoDecay-specific but the callback."""
-    settings = dict(
-        output_dir=str(output_dir), max_steps=MAX_STEPS, logging_steps=10, lr_scheduler_type="constant",
-        learning_rate=LR, optim="sgd", per_device_train_batch_size=32, save_steps=100, seed=0,
-        report_to=[], disable_tqdm=True, use_cpu=True, dataloader_num_workers=0,
-    )
-    settings.update(overrides)
-    torch.manual_seed(0)
-    return Trainer(model=model_class(), args=TrainingArguments(**settings), train_dataset=NoisyClassification(),
-                   eval_dataset=eval_dataset, callbacks=callbacks)
-
-
-def loss_logs(trainer):
-    return {entry["step"]: entry for entry in trainer.state.log_history if "loss" in entry}
 
 
 @pytest.fixture(scope="module", params=[100, 105], ids=["save_steps=100", "save_steps=105"])
@@ -121,6 +44,7 @@ def full_run(request, tmp_path_factory):
             "callback": find_autodecay_callback(trainer)}
 
 
+@pytest.mark.slow
 def test_defaults_decay_and_stop_with_checkpoint(full_run):
     callback, trainer = full_run["callback"], full_run["trainer"]
     history = callback.history
@@ -156,6 +80,7 @@ def test_defaults_decay_and_stop_with_checkpoint(full_run):
     assert sum(after) / len(after) < 0.85 * sum(before) / len(before)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("restore", [False, True], ids=["plain-resume", "restore_callback_states"])
 def test_resume_mid_stage_continues_identically(full_run, tmp_path, restore):
     history = full_run["callback"].history
@@ -186,6 +111,7 @@ def test_resume_mid_stage_continues_identically(full_run, tmp_path, restore):
     assert all(recorder.used[s] == full_used[s] for s in range(mid + 1, trainer.state.global_step + 1))
 
 
+@pytest.mark.slow
 def test_resume_from_a_checkpoint_without_autodecay(tmp_path):
     user_trainer(tmp_path, [StopAt(100)]).train()
     trainer = user_trainer(tmp_path, [AutoDecayCallback()])
@@ -196,6 +122,8 @@ def test_resume_from_a_checkpoint_without_autodecay(tmp_path):
     assert (tmp_path / f"checkpoint-{trainer.state.global_step}").exists()
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_two_processes_decide_alike(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
@@ -266,7 +194,7 @@ def test_coarse_logging_warns_with_what_to_set(tmp_path):
         trainer.train()
 
 
-def make_image_folder(root, classes=("circle", "square", "stripes"), per_split={"train": 8, "validation": 4}):
+def make_image_folder(root, classes=("circle", "square", "stripes"), per_split=(("train", 8), ("validation", 4))):
     """A tiny image folder (imagefolder layout: split/class/image.png) of easy synthetic shapes."""
     import numpy as np
     from PIL import Image
@@ -275,7 +203,7 @@ def make_image_folder(root, classes=("circle", "square", "stripes"), per_split={
     yy, xx = np.mgrid[:32, :32]
     masks = {"circle": (yy - 16) ** 2 + (xx - 16) ** 2 < 100, "square": (abs(yy - 16) < 9) & (abs(xx - 16) < 9),
              "stripes": (xx // 4) % 2 == 0}
-    for split, count in per_split.items():
+    for split, count in per_split:
         for name in classes:
             (root / split / name).mkdir(parents=True)
             for i in range(count):
@@ -284,6 +212,7 @@ def make_image_folder(root, classes=("circle", "square", "stripes"), per_split={
     return root
 
 
+@pytest.mark.slow
 def test_timm_recipe_smoke(tmp_path):
     data = make_image_folder(tmp_path / "shapes")
     out = tmp_path / "run"

@@ -1,0 +1,210 @@
+"""What the Trainer callback's tests share: a tiny task trained by a real Trainer as a user writes it, and
+a model-free run of the Trainer's event order for tests that need thousands of steps in milliseconds.
+
+The task: a 64-unit MLP on a fixed random 4-class problem with 10% label noise, trained with SGD at a
+learning rate high enough that the loss stalls: each stage plateaus clearly, so the default detector
+ends stages well before the budget.
+"""
+import json
+import math
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+from transformers import (  # noqa: E402
+    DefaultFlowCallback,
+    Trainer,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+    get_scheduler,
+)
+
+MAX_STEPS = 1500  # default window = 1500 / 3 / 5 = 100 steps = 10 logs of 10 steps
+LR = 3.0
+
+
+class NoisyClassification(torch.utils.data.Dataset):
+    """2048 fixed points, labels from a random linear map, 10% of them replaced by random labels."""
+
+    def __init__(self, n=2048, dim=16, classes=4, noise=0.1, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randn(n, dim, generator=g)
+        labels = (self.x @ torch.randn(dim, classes, generator=g)).argmax(1)
+        flip = torch.rand(n, generator=g) < noise
+        labels[flip] = torch.randint(0, classes, (int(flip.sum()),), generator=g)
+        self.labels = labels
+
+    def __len__(self):
+        return len(self.labels)
+
+    def __getitem__(self, i):
+        return {"x": self.x[i], "labels": self.labels[i]}
+
+
+class MLP(nn.Module):
+    def __init__(self, dim=16, hidden=64, classes=4):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(dim, hidden), nn.ReLU(), nn.Linear(hidden, classes))
+
+    def forward(self, x, labels=None):
+        logits = self.net(x)
+        return {"loss": nn.functional.cross_entropy(logits, labels), "logits": logits}
+
+
+class RankLossMLP(MLP):
+    """Also keeps this process's own (not yet averaged) batch losses: the two-process test checks that
+    the ranks train on different data and still see the same logged loss."""
+
+    def __init__(self):
+        super().__init__()
+        self.local_losses = []
+
+    def forward(self, x, labels=None):
+        out = super().forward(x, labels)
+        if self.training:
+            self.local_losses.append(out["loss"].item())
+        return out
+
+
+class LRRecorder(TrainerCallback):
+    """The LR each optimizer step actually uses, read from the optimizer right before it steps."""
+
+    def __init__(self):
+        self.used = {}
+
+    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
+        self.used[state.global_step + 1] = [group["lr"] for group in optimizer.param_groups]
+
+
+class StopAt(TrainerCallback):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= self.step:
+            control.should_training_stop = True
+            control.should_save = True
+
+
+def user_trainer(output_dir, callbacks, eval_dataset=None, model_class=MLP, optimizer=None, **overrides):
+    """A Trainer as a user writes it: nothing AutoDecay-specific but the callback. ``optimizer``: a function
+    of the model's parameters building the optimizer the Trainer is given (else it builds ``optim``)."""
+    settings = dict(
+        output_dir=str(output_dir), max_steps=MAX_STEPS, logging_steps=10, lr_scheduler_type="constant",
+        learning_rate=LR, optim="sgd", per_device_train_batch_size=32, save_steps=100, seed=0,
+        report_to=[], disable_tqdm=True, use_cpu=True, dataloader_num_workers=0,
+    )
+    settings.update(overrides)
+    torch.manual_seed(0)
+    model = model_class()
+    optimizers = (None if optimizer is None else optimizer(model.parameters()), None)
+    return Trainer(model=model, args=TrainingArguments(**settings), train_dataset=NoisyClassification(),
+                   eval_dataset=eval_dataset, callbacks=callbacks, optimizers=optimizers)
+
+
+def loss_logs(trainer):
+    return {entry["step"]: entry for entry in trainer.state.log_history if "loss" in entry}
+
+
+class EventRun:
+    """The Trainer's event order around a callback (optimizer step, scheduler step, ``on_step_end``,
+    ``on_epoch_end``, log, save) with per-update losses given instead of a model: thousands of steps in
+    milliseconds, through the real ``DefaultFlowCallback``, ``TrainingArguments`` and scheduler.
+
+    Losses are logged as the Trainer logs them, its NaN filter included: a non-finite loss adds the running
+    sum over the updates so far plus one; ``grad_norm`` is that of the last update (NaN after a non-finite
+    loss unless given). ``used[step]``: the LRs step ``step`` ran with; ``logs[step]``: the logged dict;
+    ``saved[step]``: the callback's trainer_state.json entry at each checkpoint, as JSON.
+    """
+
+    def __init__(self, callback, max_steps, logging_steps=10, lr=1.0, schedule="constant_with_warmup",
+                 warmup_steps=0, save_steps=0, logging_strategy="steps", steps_per_epoch=None, group_lrs=None,
+                 resume=None, nan_filter=True, min_lr_rate=None):
+        self.args = TrainingArguments(
+            output_dir="unused", max_steps=max_steps, logging_steps=logging_steps, logging_strategy=logging_strategy,
+            save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, lr_scheduler_type=schedule,
+            warmup_steps=warmup_steps, learning_rate=lr, report_to=[], use_cpu=True, logging_nan_inf_filter=nan_filter)
+        group_lrs = group_lrs or [lr]
+        self.params = [nn.Parameter(torch.zeros(1)) for _ in group_lrs]
+        self.optimizer = torch.optim.SGD([{"params": [p], "lr": g} for p, g in zip(self.params, group_lrs)], lr=lr)
+        self.scheduler = get_scheduler(schedule, self.optimizer, num_warmup_steps=warmup_steps,
+                                       num_training_steps=max_steps)
+        self.callback = callback
+        self.flow = DefaultFlowCallback()
+        self.state = TrainerState(stateful_callbacks=[callback])
+        self.state.max_steps, self.state.logging_steps = max_steps, logging_steps
+        self.state.save_steps, self.state.num_train_epochs = save_steps or 500, 1
+        self.steps_per_epoch = steps_per_epoch or max_steps
+        if steps_per_epoch:
+            self.state.num_train_epochs = math.ceil(max_steps / steps_per_epoch)
+        if resume is not None:
+            step, entry = resume
+            self.state.global_step = step
+            self.state.stateful_callbacks = {type(callback).__name__: json.loads(entry)}
+            for _ in range(step):  # as scheduler.pt would restore it
+                self.scheduler.step()
+        self.nan_filter = nan_filter
+        self.control = TrainerControl()
+        self.used, self.logs, self.saved = {}, {}, {}
+        self.stopped = False
+        self._loss_sum, self._last_logged, self._grad_norm = 0.0, self.state.global_step, None
+        self._event("on_train_begin")
+
+    def _event(self, name, **kwargs):
+        for callback in (self.flow, self.callback):
+            result = getattr(callback, name)(self.args, self.state, self.control, optimizer=self.optimizer,
+                                             lr_scheduler=self.scheduler, **kwargs)
+            self.control = result if result is not None else self.control
+
+    def feed(self, losses, grad_norms=None):
+        """One optimizer update per loss (stops at the end of training)."""
+        for i, loss in enumerate(losses):
+            if self.stopped:
+                return
+            self.step(loss, None if grad_norms is None else grad_norms[i])
+
+    def feed_logged(self, values):
+        """Updates whose logged means are ``values`` (each logging interval's updates all equal)."""
+        for value in values:
+            self.feed([value] * self.state.logging_steps)
+
+    def step(self, loss, grad_norm=None):
+        step = self.state.global_step + 1
+        self._event("on_step_begin")
+        self.used[step] = [group["lr"] for group in self.optimizer.param_groups]
+        self.optimizer.step()  # no gradients: changes nothing, but the scheduler expects it first
+        self._event("on_optimizer_step")
+        learning_rate = self.scheduler.get_last_lr()[0]
+        self.scheduler.step()
+        self.state.global_step = step
+        self.state.epoch = step / self.steps_per_epoch
+        if math.isfinite(loss) or not self.nan_filter:
+            self._loss_sum += loss
+        else:
+            self._loss_sum += self._loss_sum / (1 + step - 1 - self._last_logged)
+        self._grad_norm = grad_norm if grad_norm is not None else (1.0 if math.isfinite(loss) else math.nan)
+        self._event("on_step_end")
+        self._log_and_save(learning_rate)
+        if step % self.steps_per_epoch == 0 or step >= self.state.max_steps:
+            self._event("on_epoch_end")
+            self._log_and_save(learning_rate)
+        self.stopped = self.control.should_training_stop
+
+    def _log_and_save(self, learning_rate):
+        step = self.state.global_step
+        if self.control.should_log and step > self._last_logged:
+            logs = {"loss": self._loss_sum / (step - self._last_logged), "grad_norm": self._grad_norm,
+                    "learning_rate": learning_rate}
+            self._loss_sum, self._last_logged = 0.0, step
+            self.state.log_history.append({**logs, "step": step})
+            self._event("on_log", logs=logs)
+            self.logs[step] = logs
+        self.control.should_log = False
+        if self.control.should_save:
+            self.saved[step] = json.dumps(self.callback.state(), sort_keys=True)
+            self.control.should_save = False
