@@ -4,7 +4,8 @@ Ships ``timm_autodecay-hook.pth`` into site-packages, for ``pip install .`` and 
 alike. At interpreter start-up it runs ``timm_autodecay.timm_hook.install()``, which only puts a small
 finder on ``sys.meta_path`` (no timm, no torch import): ``autodecay`` is registered in
 ``timm.scheduler`` when, and only if, a program imports it. The file name sorts after setuptools'
-``__editable__.*.pth``, so an editable install's finder is in place when this line runs.
+``__editable__.*.pth``, so an editable install's finder is in place when this line runs. If the package
+cannot be imported (an editable install whose checkout was moved or deleted), the line does nothing.
 """
 import os
 
@@ -12,7 +13,12 @@ from setuptools import setup
 from setuptools.command.build_py import build_py
 
 PTH_NAME = "timm_autodecay-hook.pth"
-PTH_LINE = "import timm_autodecay.timm_hook; timm_autodecay.timm_hook.install()\n"
+# Inside try: once the package is gone (an editable install's checkout moved or deleted), every
+# interpreter start must stay silent. A .pth line runs only if it starts with "import".
+PTH_LINE = (
+    'import sys; exec("try:\\n import timm_autodecay.timm_hook as hook\\nexcept ImportError:\\n pass\\n'
+    'else:\\n hook.install()")\n'
+)
 
 
 class build_py_with_hook(build_py):

@@ -1,21 +1,16 @@
-"""Registers ``autodecay`` with timm's scheduler factory, lazily.
+"""The start-up hook: registers ``autodecay`` with timm's scheduler factory, lazily.
 
 An installed ``timm_autodecay-hook.pth`` (shipped by ``setup.py``, for ``pip install .`` and
-``pip install -e .`` alike) calls :func:`install` at interpreter start-up. That only appends a tiny
-finder to ``sys.meta_path``: nothing is imported (no timm, no torch) until a program imports
+``pip install -e .`` alike) calls :func:`install` at interpreter start-up. That only puts a tiny
+finder on ``sys.meta_path``: nothing is imported (no timm, no torch) until a program imports
 ``timm.scheduler``. Right after timm has executed ``timm/scheduler/__init__.py``, and before the
-importer sees the module, :func:`register` wraps two names in it (and in
-``timm.scheduler.scheduler_factory``):
+importer sees the module, the finder's loader imports :mod:`timm_autodecay.timm_factory` and calls its
+:func:`~timm_autodecay.timm_factory.register`, which wraps ``create_scheduler_v2`` and
+``scheduler_kwargs``. So an unmodified ``train.py`` (``from timm.scheduler import create_scheduler_v2,
+scheduler_kwargs``) gets the wrapped names. ``TIMM_AUTODECAY_HOOK=0`` in the environment turns the hook off.
 
-* ``create_scheduler_v2``: ``sched="autodecay"`` builds an
-  :class:`~timm_autodecay.timm_scheduler.AutoDecayScheduler`; every other schedule is passed to timm's
-  own function untouched.
-* ``scheduler_kwargs``: for ``cfg.sched == "autodecay"`` only, it adds the ``autodecay_*`` keys of the
-  config (timm's ``train.py`` puts YAML keys on ``args``) and the few run facts the scheduler needs
-  (``--resume``, ``--val-interval``); for every other schedule it returns timm's dict unchanged.
-
-So an unmodified ``train.py`` (``from timm.scheduler import create_scheduler_v2, scheduler_kwargs``)
-gets the wrapped names. ``TIMM_AUTODECAY_HOOK=0`` in the environment turns the hook off.
+The ``.pth`` line imports this module inside ``try``: when the package is gone (an editable install's
+checkout moved or deleted), Python starts silently, as if the hook were not installed.
 This module imports only ``sys`` and ``os`` at import time.
 """
 from __future__ import annotations
@@ -23,10 +18,9 @@ from __future__ import annotations
 import os
 import sys
 
-__all__ = ["install", "register"]
+__all__ = ["install"]
 
 TARGET = "timm.scheduler"
-_MARK = "__timm_autodecay_original__"
 
 
 class _PatchingLoader:
@@ -40,7 +34,7 @@ class _PatchingLoader:
 
     def exec_module(self, module):
         self._loader.exec_module(module)
-        register(module)
+        _register(module)
 
     def __getattr__(self, name):  # get_source, get_filename, is_package, ... for tools
         return getattr(self._loader, name)
@@ -74,6 +68,20 @@ class _TimmSchedulerFinder:
         pass
 
 
+def _register(module) -> None:
+    """Register in timm's fresh module; a failure here must not break ``import timm.scheduler`` for
+    programs that never use AutoDecay: it is reported as a warning."""
+    try:
+        from .timm_factory import register
+
+        register(module)
+    except Exception as error:  # noqa: BLE001 - any failure of ours, reported, never raised into timm
+        import warnings
+
+        warnings.warn(f"timm_autodecay: sched='autodecay' is not available in timm: registering it failed "
+                      f"({type(error).__name__}: {error})", RuntimeWarning, stacklevel=2)
+
+
 def _finder():
     for finder in sys.meta_path:
         if isinstance(finder, _TimmSchedulerFinder):
@@ -87,60 +95,7 @@ def install() -> None:
         return
     module = sys.modules.get(TARGET)
     if module is not None:  # timm.scheduler is already there: patch it now
-        register(module)
+        _register(module)
         return
     if _finder() is None:
         sys.meta_path.insert(0, _TimmSchedulerFinder())
-
-
-def register(module=None) -> None:
-    """Wrap ``create_scheduler_v2`` and ``scheduler_kwargs`` in ``timm.scheduler`` (imported if need
-    be) and in ``timm.scheduler.scheduler_factory``, so that timm's ``create_scheduler`` (v1), which
-    calls them through its module globals, works as well. Idempotent."""
-    if module is None:
-        import importlib
-
-        module = importlib.import_module(TARGET)
-    factory = sys.modules.get(TARGET + ".scheduler_factory")
-    for namespace in (factory, module):
-        if namespace is None:
-            continue
-        for attr, make in (("create_scheduler_v2", _wrap_create), ("scheduler_kwargs", _wrap_kwargs)):
-            current = getattr(namespace, attr, None)
-            if current is None or hasattr(current, _MARK):
-                continue
-            setattr(namespace, attr, make(current))
-
-
-def _wrap_create(original):
-    import functools
-
-    @functools.wraps(original)
-    def create_scheduler_v2(optimizer, *args, **kwargs):
-        sched = kwargs.get("sched", args[0] if args else "cosine")
-        if sched != "autodecay":
-            for key in [k for k in kwargs if k.startswith("autodecay_")]:
-                del kwargs[key]  # meaningless for other schedules
-            return original(optimizer, *args, **kwargs)
-        from .timm_scheduler import create_autodecay_scheduler
-
-        return create_autodecay_scheduler(original, optimizer, *args, _caller=sys._getframe(1), **kwargs)
-
-    setattr(create_scheduler_v2, _MARK, original)
-    return create_scheduler_v2
-
-
-def _wrap_kwargs(original):
-    import functools
-
-    @functools.wraps(original)
-    def scheduler_kwargs(cfg, *args, **kwargs):
-        result = original(cfg, *args, **kwargs)
-        if result.get("sched") == "autodecay":
-            from .timm_scheduler import autodecay_kwargs_from_cfg
-
-            result.update(autodecay_kwargs_from_cfg(cfg))
-        return result
-
-    setattr(scheduler_kwargs, _MARK, original)
-    return scheduler_kwargs

@@ -41,17 +41,10 @@ import torch
 import torch.distributed as dist
 from timm.scheduler.scheduler import Scheduler
 
-from .detector import check_int, Decision, FollowsDetector, SETTINGS, StageDetector
+from .detector import SETTINGS, Decision, FollowsDetector, StageDetector, check_int
 from .torch_scheduler import LossAccumulator, check_decay_rate
 
-__all__ = [
-    "AutoDecayFinished",
-    "AutoDecayScheduler",
-    "STATE_FILE",
-    "YAML_KEYS",
-    "autodecay_kwargs_from_cfg",
-    "create_autodecay_scheduler",
-]
+__all__ = ["AutoDecayFinished", "AutoDecayScheduler", "STATE_FILE"]
 
 _logger = logging.getLogger("timm_autodecay")
 
@@ -62,20 +55,6 @@ FROM_RUN = {
     "total_updates": "--epochs (num_epochs): the budget",
     "updates_per_epoch": "train.py's batches per epoch (updates_per_epoch)",
     "warmup_updates": "--warmup-epochs (warmup_epochs)",
-}
-# YAML config keys (``-c config.yaml``): the detector's settings, generated from its SETTINGS,
-# and the adapter's own. name -> (type, default, help)
-YAML_KEYS: Dict[str, tuple] = {
-    PREFIX + name: spec for name, spec in SETTINGS.items() if name not in FROM_RUN
-}
-YAML_KEYS[PREFIX + "end_training"] = (
-    bool, True, "end training at the epoch boundary after the last stage's plateau")
-# Keys that ``scheduler_kwargs`` fills in from train.py's arguments, and ``create_scheduler_v2``
-# keyword arguments for Python users; not YAML keys.
-RUN_KEYS = {
-    PREFIX + "resume": "checkpoint (or its folder) to resume from: train.py's --resume",
-    PREFIX + "end_interval": "epochs between boundaries where training may end: train.py's --val-interval",
-    PREFIX + "state_dir": "folder to write autodecay_state.json to (default: train.py's checkpoint folder)",
 }
 
 
@@ -93,7 +72,7 @@ class AutoDecayFinished(KeyboardInterrupt):
     last learning stage had ended: timm's ``train.py`` treats it like Ctrl-C and ends gracefully."""
 
 
-def _is_primary() -> bool:
+def is_primary() -> bool:
     return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
 
 
@@ -193,7 +172,7 @@ class AutoDecayScheduler(FollowsDetector, Scheduler):
             )
         except (TypeError, ValueError) as error:
             name = str(error).split(" ", 1)[0]
-            key = f" (config key {PREFIX}{name})" if PREFIX + name in YAML_KEYS else ""
+            key = f" (config key {PREFIX}{name})" if name in SETTINGS and name not in FROM_RUN else ""
             raise ValueError(f"AutoDecay: bad setting{key}: {error}") from None
 
         super().__init__(optimizer, param_group_field="lr", t_in_epochs=t_in_epochs, initialize=initialize)
@@ -312,7 +291,7 @@ class AutoDecayScheduler(FollowsDetector, Scheduler):
         mean, nonfinite = self.accumulator.read()  # over all ranks
         decision = self.detector.observe(mean, count, nonfinite)
         self.last_decision = decision
-        if decision.changed and _is_primary():
+        if decision.changed and is_primary():
             epoch = decision.update / self.updates_per_epoch
             if decision.action == "decay":
                 when = "from the next update" if not self.t_in_epochs else "from the next epoch"
@@ -353,7 +332,7 @@ class AutoDecayScheduler(FollowsDetector, Scheduler):
 
         def stop(*_args: Any, **_kwargs: Any) -> None:
             disarm()
-            if _is_primary():
+            if is_primary():
                 _logger.info(message)
             raise AutoDecayFinished(message)
 
@@ -430,7 +409,7 @@ class AutoDecayScheduler(FollowsDetector, Scheduler):
                 f"AutoDecay: {path} holds no state for epoch {t} (it has epochs "
                 f"{sorted(int(e) for e in states)}); resume from a checkpoint whose epoch it holds")
         self.load_state_dict(states[str(t)])
-        if _is_primary():
+        if is_primary():
             _logger.info(
                 f"AutoDecay: resumed at epoch {t} (update {n}) from {path}: stage {self.stage}, "
                 f"finished {self.finished}, LR {[g['lr'] for g in self.optimizer.param_groups]}")
@@ -438,7 +417,7 @@ class AutoDecayScheduler(FollowsDetector, Scheduler):
             self._arm_stop(t)
 
     def _save_state(self, t: int) -> None:
-        if not self.state_dir or not _is_primary():
+        if not self.state_dir or not is_primary():
             return
         path = os.path.join(self.state_dir, STATE_FILE)
         if self._saved is None:
@@ -458,105 +437,3 @@ class AutoDecayScheduler(FollowsDetector, Scheduler):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-
-
-# -- timm's factory ----------------------------------------------------------------------------
-def _check_keys(given: Any, allowed: Any, what: str) -> None:
-    for key in given:
-        if key[len(PREFIX):] in FROM_RUN:
-            raise ValueError(f"AutoDecay: {key} is not a setting: it is set from the run, by "
-                             f"{FROM_RUN[key[len(PREFIX):]]}")
-    unknown = sorted(set(given) - set(allowed))
-    if unknown:
-        raise ValueError(f"AutoDecay: unknown {what} {unknown}; known: {sorted(allowed)}")
-
-
-def autodecay_kwargs_from_cfg(cfg: Any) -> Dict[str, Any]:
-    """What ``scheduler_kwargs(cfg)`` adds for ``cfg.sched == 'autodecay'``: the ``autodecay_*`` YAML keys
-    found on ``cfg`` (unknown ones are an error), ``--resume`` and ``--val-interval``."""
-    try:
-        names = list(vars(cfg))
-    except TypeError:
-        names = [n for n in dir(cfg) if not n.startswith("_")]
-    given = {n: getattr(cfg, n) for n in names if n.startswith(PREFIX)}
-    _check_keys(given, YAML_KEYS, "config key(s)")
-    given[PREFIX + "resume"] = getattr(cfg, "resume", None) or None
-    given[PREFIX + "end_interval"] = getattr(cfg, "val_interval", 1) or 1
-    return given
-
-
-def _checkpoint_dir_of_caller(frame: Any, depth: int = 4) -> Optional[str]:
-    """train.py's CheckpointSaver (a local named ``saver``, on the primary rank only) in the frames
-    that called the factory: the folder the scheduler's state goes to."""
-    try:
-        while frame is not None and depth > 0:
-            folder = getattr(frame.f_locals.get("saver"), "checkpoint_dir", None)
-            if isinstance(folder, str) and folder:
-                return folder
-            frame, depth = frame.f_back, depth - 1
-        return None
-    finally:
-        del frame
-
-
-def create_autodecay_scheduler(original: Any, optimizer: torch.optim.Optimizer, *args: Any,
-                               _caller: Any = None, **kwargs: Any):
-    """``create_scheduler_v2(optimizer, sched='autodecay', ...)``: returns ``(scheduler, num_epochs)``.
-
-    ``original`` is timm's ``create_scheduler_v2``: its signature gives the arguments and defaults.
-    Uses ``num_epochs`` (the budget), ``warmup_epochs``, ``warmup_lr``, ``warmup_prefix``, ``decay_rate``,
-    ``min_lr``, ``step_on_epochs`` and ``updates_per_epoch``; the other schedules' arguments are
-    ignored; ``autodecay_*`` keywords carry the YAML keys and run facts (see ``YAML_KEYS``, ``RUN_KEYS``).
-    """
-    import inspect
-
-    ours = {k: kwargs.pop(k) for k in list(kwargs) if k.startswith(PREFIX)}
-    _check_keys(ours, [*YAML_KEYS, *RUN_KEYS], "setting(s)")
-    bound = inspect.signature(original).bind(optimizer, *args, **kwargs)
-    bound.apply_defaults()
-    a = bound.arguments
-    if a.get("noise") is not None:
-        raise ValueError(f"AutoDecay: LR noise (--lr-noise {a['noise']}) is not supported with sched='autodecay'")
-    upe = a.get("updates_per_epoch") or 0
-    if isinstance(upe, bool) or not isinstance(upe, int) or upe < 1:
-        raise ValueError(
-            f"AutoDecay: sched='autodecay' needs updates_per_epoch (optimizer updates per epoch), got {upe!r}")
-    num_epochs = check_int("num_epochs (--epochs)", a["num_epochs"], 1)
-    warmup_epochs = check_int("warmup_epochs (--warmup-epochs)", a["warmup_epochs"], 0)
-    on_epochs = bool(a["step_on_epochs"])
-    unit = 1 if on_epochs else upe
-    settings = {k[len(PREFIX):]: v for k, v in ours.items() if k in YAML_KEYS}
-    end_training = settings.pop("end_training", True)
-    state_dir = ours.get(PREFIX + "state_dir") or _checkpoint_dir_of_caller(_caller)
-    scheduler = AutoDecayScheduler(
-        optimizer,
-        updates_per_epoch=upe,
-        decay_rate=a["decay_rate"],
-        t_initial=num_epochs * unit,
-        lr_min=a["min_lr"],
-        warmup_t=warmup_epochs * unit,
-        warmup_lr_init=a["warmup_lr"],
-        warmup_prefix=a["warmup_prefix"],
-        t_in_epochs=on_epochs,
-        end_training=end_training,
-        end_interval=ours.get(PREFIX + "end_interval") or 1,
-        state_dir=state_dir,
-        resume_from=ours.get(PREFIX + "resume"),
-        **settings,
-    )
-    if _is_primary():
-        _logger.info(
-            f"AutoDecay: {scheduler.detector.num_stages} stages over at most {num_epochs} epochs "
-            f"({upe} updates each), decay x{scheduler.decay_rate:g}, window {scheduler.detector.window} updates, "
-            f"patience {scheduler.detector.patience}; state in "
-            f"{os.path.join(state_dir, STATE_FILE) if state_dir else '(not saved: no checkpoint folder)'}")
-    if a["warmup_prefix"]:
-        num_epochs += warmup_epochs
-    return scheduler, num_epochs
-
-
-# Importing this module is opting in: timm's factory knows ``autodecay`` from here on, with or
-# without the installed start-up hook.
-from . import timm_hook as _timm_hook  # noqa: E402
-
-_timm_hook.register()

@@ -1,0 +1,210 @@
+"""The timm face's entry points: timm's factory, the explicit ``register()``, the start-up hook and
+its ``.pth`` line, the bad settings they refuse, and one-way imports between the timm modules."""
+import ast
+import os
+import shutil
+import subprocess
+import sys
+import venv
+import warnings
+from pathlib import Path
+
+import pytest
+import timm.scheduler
+import torch
+from timm_train_py import BASE_LR, UPE, Toy, make_args, yaml_keys
+
+from timm_autodecay import timm_factory
+from timm_autodecay.detector import SETTINGS
+from timm_autodecay.timm_factory import YAML_KEYS
+from timm_autodecay.timm_scheduler import AutoDecayScheduler
+
+ROOT = Path(__file__).resolve().parents[1]
+ORIGINAL = "__timm_autodecay_original__"
+
+
+def setup_constants():
+    """PTH_NAME and PTH_LINE, as setup.py ships them."""
+    tree = ast.parse((ROOT / "setup.py").read_text())
+    return {t.id: ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
+            for t in node.targets if isinstance(t, ast.Name) and isinstance(node.value, ast.Constant)}
+
+
+def test_factory_builds_autodecay_and_leaves_other_schedules_alone(tmp_path):
+    optimizer = torch.optim.SGD(Toy().parameters(), lr=BASE_LR)
+    scheduler, num_epochs = timm.scheduler.create_scheduler_v2(
+        optimizer, sched="autodecay", num_epochs=30, updates_per_epoch=UPE, warmup_epochs=2, warmup_prefix=True,
+        decay_rate=0.5, autodecay_num_stages=2, autodecay_state_dir=str(tmp_path), **yaml_keys())
+    assert isinstance(scheduler, AutoDecayScheduler) and num_epochs == 32  # warmup_prefix adds, as in timm
+    assert scheduler.detector.total_updates == 32 * UPE and scheduler.detector.warmup_updates == 2 * UPE
+    assert scheduler.detector.num_stages == 2 and scheduler.detector.window == 20
+    assert scheduler.decay_rate == 0.5 and scheduler.t_in_epochs
+    # every detector setting the docs list is a YAML key, generated from the detector's SETTINGS
+    assert {k for k in YAML_KEYS if k not in ("autodecay_end_training", "autodecay_state_file")} == {
+        "autodecay_" + k for k in SETTINGS if k not in ("total_updates", "updates_per_epoch", "warmup_updates")}
+
+    # timm's other schedules: same class, same kwargs as timm's own functions give
+    create = timm.scheduler.create_scheduler_v2
+    original_create = getattr(create, ORIGINAL)
+    args = make_args(sched="cosine", autodecay_window=5)
+    kwargs = timm.scheduler.scheduler_kwargs(args)
+    assert kwargs == getattr(timm.scheduler.scheduler_kwargs, ORIGINAL)(args)
+    ours, _ = create(torch.optim.SGD(Toy().parameters(), lr=BASE_LR), **kwargs, updates_per_epoch=UPE)
+    theirs, _ = original_create(torch.optim.SGD(Toy().parameters(), lr=BASE_LR), **kwargs, updates_per_epoch=UPE)
+    assert type(ours) is type(theirs) is timm.scheduler.CosineLRScheduler
+    assert [ours._get_lr(t) for t in range(30)] == [theirs._get_lr(t) for t in range(30)]
+    # timm's create_scheduler (v1) goes through the same factory
+    v1 = timm.scheduler.create_scheduler(make_args(**yaml_keys()), optimizer, updates_per_epoch=UPE)
+    assert isinstance(v1[0], AutoDecayScheduler)
+
+
+def test_the_python_factory_without_a_checkpoint_folder_warns_once(monkeypatch, tmp_path):
+    """Outside train.py (no ``saver``) nothing is saved for resume: a clear warning, given once."""
+    monkeypatch.setattr(timm_factory, "_warned_no_state_dir", False)
+
+    def create(**extra):
+        optimizer = torch.optim.SGD(Toy().parameters(), lr=BASE_LR)
+        return timm.scheduler.create_scheduler_v2(optimizer, sched="autodecay", num_epochs=30,
+                                                  updates_per_epoch=UPE, **extra)[0]
+    with pytest.warns(UserWarning, match=r"saves no autodecay_state.json .* autodecay_state_dir=FOLDER"):
+        assert create().state_dir is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        create()  # once per process
+        monkeypatch.setattr(timm_factory, "_warned_no_state_dir", False)
+        assert create(autodecay_state_dir=str(tmp_path)).state_dir == str(tmp_path)  # a folder: no warning
+
+
+def test_train_py_checkpoint_dir_is_found_in_the_calling_frames(tmp_path):
+    def main():  # train.py's main(): its saver is a local, only on the primary rank
+        saver = type("CheckpointSaver", (), {"checkpoint_dir": str(tmp_path)})()
+        assert saver
+        return factory()
+
+    def factory():
+        return timm_factory.train_py_checkpoint_dir()
+    assert main() == str(tmp_path)
+    assert factory() is None
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(autodecay_windw=30), r"unknown setting\(s\) \['autodecay_windw'\]"),
+    (dict(autodecay_window=1), r"config key autodecay_window.*window must be >= 2, got 1"),
+    (dict(autodecay_window="50"), r"window must be an integer, got '50'"),
+    (dict(autodecay_significance=-1.0), r"significance must be .*got -1.0"),
+    (dict(autodecay_num_stages=0), r"num_stages must be >= 1, got 0"),
+    (dict(autodecay_end_training="no"), r"end_training must be true or false, got 'no'"),
+    (dict(autodecay_total_updates=100), r"autodecay_total_updates is not a setting: .*--epochs"),
+    (dict(decay_rate=1.5), r"decay_rate must be in \(0, 1\), got 1.5 \(--decay-rate\)"),
+    (dict(min_lr=-0.1), r"--min-lr\) must be a finite number >= 0, got -0.1"),
+    (dict(warmup_epochs=30), r"warmup \(30\) must be shorter than the budget \(30\)"),
+    (dict(updates_per_epoch=0), r"needs updates_per_epoch .*got 0"),
+    (dict(noise=[0.5]), r"LR noise .*not supported"),
+])
+def test_bad_settings_are_rejected_clearly(kwargs, message):
+    optimizer = torch.optim.SGD(Toy().parameters(), lr=BASE_LR)
+    arguments = dict(sched="autodecay", num_epochs=30, updates_per_epoch=UPE, autodecay_state_dir="unused")
+    arguments.update(kwargs)
+    with pytest.raises(ValueError, match=message):
+        timm.scheduler.create_scheduler_v2(optimizer, **arguments)
+
+
+def test_bad_config_keys_are_rejected_by_scheduler_kwargs():
+    with pytest.raises(ValueError, match=r"unknown config key\(s\) \['autodecay_windw'\]; known: .*autodecay_window"):
+        timm.scheduler.scheduler_kwargs(make_args(autodecay_windw=30))
+    with pytest.raises(ValueError, match=r"autodecay_warmup_updates is not a setting: .*--warmup-epochs"):
+        timm.scheduler.scheduler_kwargs(make_args(autodecay_warmup_updates=30))
+    # another schedule ignores autodecay keys, as it ignores every key it does not use
+    assert "autodecay_windw" not in timm.scheduler.scheduler_kwargs(make_args(sched="step", autodecay_windw=3))
+
+
+# -- imports and the start-up hook -----------------------------------------------------------------
+def project_imports(path):
+    """The timm_autodecay modules ``path`` imports, at module level or inside functions."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            found |= {node.module} if node.module else {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("timm_autodecay."):
+            found.add(node.module.split(".")[1])
+        elif isinstance(node, ast.Import):
+            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("timm_autodecay.")}
+    return {name.split(".")[0] for name in found}
+
+
+def test_timm_modules_import_one_way():
+    """hook -> factory -> scheduler -> (signal, state, detector): no module imports one that imports it."""
+    package = ROOT / "timm_autodecay"
+    graph = {p.stem: project_imports(p) for p in package.glob("*.py")}
+    assert graph["timm_hook"] == {"timm_factory"}
+    assert "timm_hook" not in set().union(*(deps for name, deps in graph.items() if name != "timm_hook"))
+
+    def reaches(start, goal, seen=()):
+        return any(d == goal or (d not in seen and reaches(d, goal, (*seen, d))) for d in graph.get(start, ()))
+    cycles = [name for name in graph if reaches(name, name)]
+    assert not cycles, f"import cycles through {cycles}"
+
+
+def run_python(*args, env=None, python=sys.executable, cwd=None):
+    environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
+    environment.pop("PYTHONPATH", None)
+    return subprocess.run([str(python), *args], env=environment, capture_output=True, text=True, timeout=300,
+                          cwd=cwd)
+
+
+def test_the_pth_line_is_silent_once_the_checkout_is_gone(tmp_path):
+    """``pip install -e CHECKOUT``, then the checkout moved or deleted: every interpreter start must
+    stay silent. A fresh virtual environment holds the hook's .pth and a path entry to a copy of
+    the package, as an install does; then the copy is deleted."""
+    constants = setup_constants()
+    env_dir = tmp_path / "env"
+    venv.EnvBuilder(with_pip=False).create(env_dir)
+    python = env_dir / "bin" / "python"
+    site_packages = Path(run_python("-c", "import site; print(site.getsitepackages()[0])",
+                                    python=python).stdout.strip())
+    checkout = tmp_path / "checkout"
+    shutil.copytree(ROOT / "timm_autodecay", checkout / "timm_autodecay",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    (site_packages / "checkout.pth").write_text(f"{checkout}\n")
+    (site_packages / constants["PTH_NAME"]).write_text(constants["PTH_LINE"])
+    armed = "import sys; print(any(type(f).__name__ == '_TimmSchedulerFinder' for f in sys.meta_path))"
+
+    installed = run_python("-c", armed, python=python, cwd=tmp_path)
+    assert (installed.returncode, installed.stdout.strip(), installed.stderr) == (0, "True", "")
+    shutil.rmtree(checkout)
+    for code in ("pass", armed):
+        gone = run_python("-c", code, python=python, cwd=tmp_path)
+        assert gone.returncode == 0 and gone.stderr == "", gone.stderr
+    assert gone.stdout.strip() == "False"
+
+
+@pytest.mark.slow
+def test_startup_hook_is_lazy_and_registers_on_timm_import_and_only_there(tmp_path):
+    """What the installed .pth does: no torch/timm at start-up, train.py's import gets our names; without
+    the hook, importing the package registers nothing until ``register()``. Interpreters start without
+    site (``-S``) so that only this test's .pth runs, with the packages on sys.path."""
+    constants = setup_constants()
+    site_dir = tmp_path / "site"
+    site_dir.mkdir()
+    (site_dir / constants["PTH_NAME"]).write_text(constants["PTH_LINE"])
+    paths = [str(ROOT), *(p for p in sys.path if p.endswith("site-packages"))]
+    prelude = f"import site, sys; sys.path[:0] = {paths!r}; "
+    probe = ("import timm.scheduler as s; "
+             f"print(hasattr(s.create_scheduler_v2, {ORIGINAL!r}), hasattr(s.scheduler_kwargs, {ORIGINAL!r}))")
+    hooked = run_python("-S", "-c", prelude + (
+        f"site.addsitedir({str(site_dir)!r}); "
+        "print(any(type(f).__name__ == '_TimmSchedulerFinder' for f in sys.meta_path), "
+        "'torch' in sys.modules, 'timm' in sys.modules); " + probe))
+    assert hooked.returncode == 0, hooked.stderr
+    assert hooked.stdout.split() == ["True", "False", "False", "True", "True"]  # as train.py imports them
+
+    explicit = run_python("-S", "-c", prelude + (
+        "import timm_autodecay.timm_scheduler, timm_autodecay.timm_factory as f; " + probe + "; "
+        "f.register(); " + probe))
+    assert explicit.returncode == 0, explicit.stderr
+    assert explicit.stdout.split() == ["False", "False", "True", "True"]
+
+    off = run_python("-S", "-c", prelude + f"site.addsitedir({str(site_dir)!r}); "
+                     "print(any(type(f).__name__ == '_TimmSchedulerFinder' for f in sys.meta_path))",
+                     env={"TIMM_AUTODECAY_HOOK": "0"})
+    assert off.returncode == 0 and off.stdout.split() == ["False"], off.stderr

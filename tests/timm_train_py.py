@@ -1,0 +1,213 @@
+"""timm's ``train.py`` in miniature, for the timm face's tests, and their two-rank worker.
+
+``train_py`` below is timm's train.py main loop as far as the scheduler can tell (the calls and their
+order as in a timm checkout): ``create_scheduler_v2(**scheduler_kwargs(args))``, the resume ``step``,
+``zero_grad`` at the top of each epoch, ``step_update(num_updates, metric=losses_m.avg)`` after each
+update, then summary row, checkpoint (timm's own CheckpointSaver, in a local named ``saver``),
+``step(epoch + 1)`` and the result entry, inside ``try: ... except KeyboardInterrupt``. The "model" is a
+synthetic loss that relaxes towards a level set by the learning rate; its state is a parameter, so
+checkpoints carry it and a resumed run sees the very losses an unbroken one sees.
+
+Detector settings are explicit and small; expected decisions come from a bare StageDetector fed
+the same per-update losses, so the tests check the plumbing, not the detector's tuning.
+Run as a script under torchrun, this module is the two-rank worker: ``timm_train_py.py OUT_DIR``.
+"""
+import argparse
+import json
+import math
+import os
+import random
+import sys
+from pathlib import Path
+
+import timm.scheduler
+import torch
+from timm.utils import AverageMeter, CheckpointSaver, update_summary
+
+from timm_autodecay import timm_factory
+from timm_autodecay.detector import SETTINGS, StageDetector
+
+# A program that builds timm's scheduler itself registers autodecay explicitly (the installed
+# start-up hook does it for train.py; this also works with TIMM_AUTODECAY_HOOK=0).
+timm_factory.register()
+
+UPE = 10  # updates per epoch
+BASE_LR = 0.1
+
+
+def feed_epoch_means(scheduler, losses, start=0, stop=None, epoch_end=True):
+    """Drive ``scheduler`` as train.py does with per-update ``losses`` (``losses[i]`` is update i + 1's):
+    ``step_update(n, metric=<running epoch mean>)`` for updates ``start + 1 .. stop``, and ``step(epoch)``
+    after each epoch's last update when ``epoch_end``."""
+    stop = len(losses) if stop is None else stop
+    for n in range(start + 1, stop + 1):
+        k = (n - 1) % UPE + 1
+        scheduler.step_update(n, metric=sum(losses[n - k:n]) / k)
+        if epoch_end and n % UPE == 0:
+            scheduler.step(n // UPE)
+
+
+def detector_settings(**overrides):
+    """Small, explicit settings (only those this detector has)."""
+    chosen = dict(window=20, patience=6, significance=1.0, min_relative_drop=0.01, min_points=8,
+                  first_stage_patience=0.0)
+    chosen.update(overrides)
+    return {k: v for k, v in chosen.items() if k in SETTINGS}
+
+
+def yaml_keys(**overrides):
+    return {"autodecay_" + k: v for k, v in detector_settings(**overrides).items()}
+
+
+# -- timm's train.py in miniature ------------------------------------------------------------
+class Toy(torch.nn.Module):
+    """``level`` holds the synthetic model's state (its noise-free loss); ``w`` is what the
+    optimizer holds (two param groups when ``lr_scale`` is tested)."""
+
+    def __init__(self):
+        super().__init__()
+        self.level = torch.nn.Parameter(torch.tensor(2.0), requires_grad=False)
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.v = torch.nn.Parameter(torch.zeros(1))
+
+
+def synthetic_loss(model, lr, update, rank=0, offset=0.0, noise=0.01, seed=0):
+    """The loss relaxes (8 updates time constant) towards 0.3 + 5 lr: each decay opens a new drop
+    and a new plateau. Ranks differ by ``offset`` and their own noise."""
+    target = 0.3 + 5.0 * lr
+    keep = math.exp(-1.0 / 8.0)
+    with torch.no_grad():
+        model.level.mul_(keep).add_(target * (1.0 - keep))
+    rng = random.Random(seed * 1000003 + rank * 7919 + update)
+    return float(model.level) * (1.0 + offset + noise * rng.gauss(0.0, 1.0))
+
+
+class Crash(Exception):
+    pass
+
+
+def make_args(**kw):
+    base = dict(sched="autodecay", epochs=30, decay_rate=0.1, min_lr=0.0, warmup_lr=1e-5, warmup_epochs=0,
+                warmup_prefix=False, sched_on_updates=False, resume="", val_interval=1, seed=42)
+    base.update(kw)
+    return argparse.Namespace(**base)
+
+
+def train_py(out_dir, args, rank=0, offset=0.0, crash_at=None, lr_scale=None, batch_log=None):
+    """timm train.py's main(), as far as the scheduler can tell. Returns what the test inspects."""
+    model = Toy()
+    groups = [{"params": [model.w]}]
+    if lr_scale is not None:
+        groups.append({"params": [model.v], "lr_scale": lr_scale})
+    optimizer = torch.optim.SGD(groups, lr=BASE_LR)
+    log = [] if batch_log is None else batch_log
+
+    resume_epoch = None
+    if args.resume:
+        checkpoint = torch.load(args.resume, weights_only=True)
+        model.load_state_dict(checkpoint["state_dict"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        resume_epoch = checkpoint["epoch"] + 1  # timm: version 2 checkpoints
+    saver = None
+    output_dir = None
+    if rank == 0:
+        output_dir = str(out_dir)
+        saver = CheckpointSaver(model=model, optimizer=optimizer, checkpoint_dir=output_dir,
+                                recovery_dir=output_dir, decreasing=True, max_history=100)
+
+    lr_scheduler, num_epochs = timm.scheduler.create_scheduler_v2(
+        optimizer, **timm.scheduler.scheduler_kwargs(args, decreasing_metric=True), updates_per_epoch=UPE)
+    start_epoch = resume_epoch or 0
+    if lr_scheduler is not None and start_epoch > 0:
+        if args.sched_on_updates:
+            lr_scheduler.step_update(start_epoch * UPE)
+        else:
+            lr_scheduler.step(start_epoch)
+
+    def train_one_epoch(epoch):
+        losses_m = AverageMeter()
+        num_updates = epoch * UPE
+        optimizer.zero_grad()
+        for batch_idx in range(UPE):
+            if crash_at == (epoch, batch_idx):
+                raise Crash()
+            lrs = [g["lr"] for g in optimizer.param_groups]
+            loss = synthetic_loss(model, lrs[0], num_updates + 1, rank=rank, offset=offset)
+            optimizer.step()
+            losses_m.update(loss, 16)
+            num_updates += 1
+            optimizer.zero_grad()
+            log.append({"update": num_updates, "epoch": epoch, "lrs": lrs, "loss": loss})
+            lr_scheduler.step_update(num_updates=num_updates, metric=losses_m.avg)
+        return {"loss": losses_m.avg}
+
+    results = []
+    best_metric = None
+    try:
+        for epoch in range(start_epoch, num_epochs):
+            train_metrics = train_one_epoch(epoch)
+            epoch_p_1 = epoch + 1
+            if epoch_p_1 % args.val_interval != 0 and epoch_p_1 != num_epochs:
+                lr_scheduler.step(epoch_p_1, metric=None)
+                continue
+            if output_dir is not None:
+                lrs = [g["lr"] for g in optimizer.param_groups]
+                update_summary(epoch, train_metrics, None, filename=os.path.join(output_dir, "summary.csv"),
+                               lr=sum(lrs) / len(lrs), write_header=best_metric is None)
+            latest_metric = train_metrics["loss"]
+            if saver is not None:
+                best_metric, _ = saver.save_checkpoint(epoch, metric=latest_metric)
+            lr_scheduler.step(epoch_p_1, latest_metric)
+            results.append({"epoch": epoch, "train": train_metrics})
+    except KeyboardInterrupt:
+        pass
+    return {"scheduler": lr_scheduler, "num_epochs": num_epochs, "results": results, "log": log,
+            "optimizer": optimizer}
+
+
+def replayed_history(scheduler, losses):
+    """Decisions of a bare detector with the scheduler's settings on these per-update losses."""
+    detector = StageDetector(**scheduler.detector.settings())
+    for loss in losses:
+        if detector.finished:
+            break
+        detector.observe(loss)
+    return detector.history
+
+
+def summary_epochs(out_dir):
+    lines = (Path(out_dir) / "summary.csv").read_text().splitlines()
+    return [int(line.split(",")[0]) for line in lines if not line.startswith("epoch")]
+
+
+# -- two ranks ---------------------------------------------------------------------------------
+def two_rank_worker(out_dir):
+    """Each rank trains train_py() with its own losses; then the same run crashed in stage 1 and resumed
+    from rank 0's checkpoint folder on both ranks. Writes rankN.json."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    out_dir = Path(out_dir)
+    offset = 0.2 * (rank - 0.5)
+    args = make_args(**yaml_keys())
+    run = train_py(out_dir / "run", args, rank=rank, offset=offset)
+    # the same run, crashed in stage 1 and resumed from rank 0's checkpoint folder on both ranks
+    crash_epoch = run["scheduler"].history[0]["update"] // UPE + 1
+    try:
+        train_py(out_dir / "crashed", args, rank=rank, offset=offset, crash_at=(crash_epoch, 4))
+    except Crash:
+        pass
+    dist.barrier()
+    resumed = []
+    train_py(out_dir / "crashed", make_args(**{**vars(args), "resume": str(out_dir / "crashed" / "last.pth.tar")}),
+             rank=rank, offset=offset, batch_log=resumed)
+    record = {"log": run["log"], "history": run["scheduler"].history,
+              "results": [r["epoch"] for r in run["results"]], "finished": run["scheduler"].finished,
+              "crash_epoch": crash_epoch, "resumed": [b for b in resumed if b["epoch"] >= crash_epoch]}
+    (out_dir / f"rank{rank}.json").write_text(json.dumps(record))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":  # the two-rank worker, under torchrun
+    two_rank_worker(sys.argv[1])

@@ -1,0 +1,227 @@
+"""``sched="autodecay"`` in timm's scheduler factory: :func:`register` and what it wraps.
+
+:func:`register` wraps two names of ``timm.scheduler`` (and of ``timm.scheduler.scheduler_factory``,
+through which timm's ``create_scheduler`` v1 calls them):
+
+* ``create_scheduler_v2``: ``sched="autodecay"`` builds an
+  :class:`~timm_autodecay.timm_scheduler.AutoDecayScheduler` (:func:`create_autodecay_scheduler`);
+  every other schedule goes to timm's own function untouched.
+* ``scheduler_kwargs``: for ``cfg.sched == "autodecay"`` only, it adds the ``autodecay_*`` keys of the
+  config (timm's ``train.py`` puts YAML keys on ``args``) and the run facts the scheduler needs
+  (``--resume``, ``--val-interval``); for every other schedule it returns timm's dict unchanged.
+
+The installed start-up hook (:mod:`timm_autodecay.timm_hook`) calls :func:`register` when a program
+imports ``timm.scheduler``, so an unmodified ``train.py`` gets the wrapped names. A program that builds
+its scheduler itself without the hook (``TIMM_AUTODECAY_HOOK=0``, or the package on ``sys.path`` without
+being installed) calls ``timm_autodecay.timm_factory.register()`` once before it uses timm's factory.
+Importing this module changes nothing by itself.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import os
+import sys
+from typing import Any, Dict, Optional
+
+import torch
+
+from .detector import SETTINGS, check_int
+from .timm_scheduler import FROM_RUN, PREFIX, STATE_FILE, AutoDecayScheduler, is_primary
+
+__all__ = ["RUN_KEYS", "YAML_KEYS", "autodecay_kwargs_from_cfg", "create_autodecay_scheduler", "register",
+           "train_py_checkpoint_dir"]
+
+_logger = logging.getLogger("timm_autodecay")
+
+TARGET = "timm.scheduler"
+ORIGINAL = "__timm_autodecay_original__"  # attribute of our wrappers: the function they wrap
+# YAML config keys (``-c config.yaml``): the detector's settings, generated from its SETTINGS, and the
+# adapter's own. name -> (type, default, help)
+YAML_KEYS: Dict[str, tuple] = {PREFIX + name: spec for name, spec in SETTINGS.items() if name not in FROM_RUN}
+YAML_KEYS[PREFIX + "end_training"] = (
+    bool, True, "end training at the epoch boundary after the last stage's plateau")
+# Keys that ``scheduler_kwargs`` fills in from train.py's arguments, and ``create_scheduler_v2``
+# keyword arguments for Python users; not YAML keys.
+RUN_KEYS = {
+    PREFIX + "resume": "checkpoint (or its folder) to resume from: train.py's --resume",
+    PREFIX + "end_interval": "epochs between boundaries where training may end: train.py's --val-interval",
+    PREFIX + "state_dir": "folder to write autodecay_state.json to (default: train.py's checkpoint folder)",
+}
+NO_STATE_DIR = (
+    "AutoDecay: this scheduler saves no autodecay_state.json (no train.py checkpoint folder was found, and "
+    "autodecay_state_dir was not given), so the run cannot be resumed with its schedule: pass "
+    "create_scheduler_v2(..., autodecay_state_dir=FOLDER), or save scheduler.state_dict() with your "
+    "checkpoints and restore it with load_state_dict() before the first step")
+_warned_no_state_dir = False
+
+
+# -- registration --------------------------------------------------------------------------------
+def register(module: Any = None) -> None:
+    """Make ``sched="autodecay"`` known to timm's scheduler factory (idempotent).
+
+    Wraps ``create_scheduler_v2`` and ``scheduler_kwargs`` in ``timm.scheduler`` (imported if need be)
+    and in ``timm.scheduler.scheduler_factory``. Code that did ``from timm.scheduler import
+    create_scheduler_v2`` before this call keeps timm's own function: call it first."""
+    if module is None:
+        import importlib
+
+        module = importlib.import_module(TARGET)
+    factory = sys.modules.get(TARGET + ".scheduler_factory")
+    for namespace in (factory, module):
+        if namespace is None:
+            continue
+        for attr, wrap in (("create_scheduler_v2", _wrap_create), ("scheduler_kwargs", _wrap_kwargs)):
+            current = getattr(namespace, attr, None)
+            if current is None or hasattr(current, ORIGINAL):
+                continue
+            setattr(namespace, attr, wrap(current))
+
+
+def _wrap_create(original: Any) -> Any:
+    @functools.wraps(original)
+    def create_scheduler_v2(optimizer, *args, **kwargs):
+        sched = kwargs.get("sched", args[0] if args else "cosine")
+        if sched != "autodecay":
+            for key in [k for k in kwargs if k.startswith(PREFIX)]:
+                del kwargs[key]  # meaningless for other schedules
+            return original(optimizer, *args, **kwargs)
+        return create_autodecay_scheduler(original, optimizer, *args, **kwargs)
+
+    setattr(create_scheduler_v2, ORIGINAL, original)
+    return create_scheduler_v2
+
+
+def _wrap_kwargs(original: Any) -> Any:
+    @functools.wraps(original)
+    def scheduler_kwargs(cfg, *args, **kwargs):
+        result = original(cfg, *args, **kwargs)
+        if result.get("sched") == "autodecay":
+            result.update(autodecay_kwargs_from_cfg(cfg))
+        return result
+
+    setattr(scheduler_kwargs, ORIGINAL, original)
+    return scheduler_kwargs
+
+
+# -- train.py's arguments ------------------------------------------------------------------------
+def _check_keys(given: Any, allowed: Any, what: str) -> None:
+    for key in given:
+        if key[len(PREFIX):] in FROM_RUN:
+            raise ValueError(f"AutoDecay: {key} is not a setting: it is set from the run, by "
+                             f"{FROM_RUN[key[len(PREFIX):]]}")
+    unknown = sorted(set(given) - set(allowed))
+    if unknown:
+        raise ValueError(f"AutoDecay: unknown {what} {unknown}; known: {sorted(allowed)}")
+
+
+def autodecay_kwargs_from_cfg(cfg: Any) -> Dict[str, Any]:
+    """What ``scheduler_kwargs(cfg)`` adds for ``cfg.sched == 'autodecay'``: the ``autodecay_*`` YAML keys
+    found on ``cfg`` (unknown ones are an error), ``--resume`` and ``--val-interval``."""
+    try:
+        names = list(vars(cfg))
+    except TypeError:
+        names = [n for n in dir(cfg) if not n.startswith("_")]
+    given = {n: getattr(cfg, n) for n in names if n.startswith(PREFIX)}
+    _check_keys(given, YAML_KEYS, "config key(s)")
+    given[PREFIX + "resume"] = getattr(cfg, "resume", None) or None
+    given[PREFIX + "end_interval"] = getattr(cfg, "val_interval", 1) or 1
+    return given
+
+
+def train_py_checkpoint_dir(max_frames: int = 8) -> Optional[str]:
+    """The folder of train.py's checkpoints, where the scheduler's state belongs.
+
+    timm's ``train.py`` builds its ``CheckpointSaver`` (on the primary rank only) in a local named
+    ``saver`` of ``main()``, before it calls the scheduler factory, and passes the factory no folder: so
+    the saver is looked up in the frames that called this function. ``None`` when there is none."""
+    frame = sys._getframe(1)
+    try:
+        for _ in range(max_frames):
+            if frame is None:
+                return None
+            folder = getattr(frame.f_locals.get("saver"), "checkpoint_dir", None)
+            if isinstance(folder, str) and folder:
+                return folder
+            frame = frame.f_back
+        return None
+    finally:
+        del frame
+
+
+# -- the factory ---------------------------------------------------------------------------------
+def _run_shape(original: Any, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Dict[str, Any]:
+    """timm's factory arguments (with its defaults) that AutoDecay uses, checked."""
+    bound = inspect.signature(original).bind(optimizer, *args, **kwargs)
+    bound.apply_defaults()
+    a = bound.arguments
+    if a.get("noise") is not None:
+        raise ValueError(f"AutoDecay: LR noise (--lr-noise {a['noise']}) is not supported with sched='autodecay'")
+    upe = a.get("updates_per_epoch") or 0
+    if isinstance(upe, bool) or not isinstance(upe, int) or upe < 1:
+        raise ValueError(
+            f"AutoDecay: sched='autodecay' needs updates_per_epoch (optimizer updates per epoch), got {upe!r}")
+    if (a.get("cooldown_epochs") or 0) > 0 and is_primary():
+        _logger.warning(
+            f"AutoDecay: --cooldown-epochs ({a['cooldown_epochs']}) is ignored by sched='autodecay', as by timm's "
+            "step schedule: --epochs is the whole budget. AutoDecay's own cooldown is the config key "
+            "autodecay_decay_shape: cooldown (its length: autodecay_cooldown_fraction)")
+    a["updates_per_epoch"] = upe
+    a["num_epochs"] = check_int("num_epochs (--epochs)", a["num_epochs"], 1)
+    a["warmup_epochs"] = check_int("warmup_epochs (--warmup-epochs)", a["warmup_epochs"], 0)
+    return a
+
+
+def _warn_no_state_dir() -> None:
+    global _warned_no_state_dir
+    if not _warned_no_state_dir:
+        _warned_no_state_dir = True
+        import warnings
+
+        warnings.warn(NO_STATE_DIR, UserWarning, stacklevel=4)
+
+
+def create_autodecay_scheduler(original: Any, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any):
+    """``create_scheduler_v2(optimizer, sched='autodecay', ...)``: returns ``(scheduler, num_epochs)``.
+
+    ``original`` is timm's ``create_scheduler_v2``: its signature gives the arguments and defaults.
+    Uses ``num_epochs`` (the budget), ``warmup_epochs``, ``warmup_lr``, ``warmup_prefix``, ``decay_rate``,
+    ``min_lr``, ``step_on_epochs`` and ``updates_per_epoch``; the other schedules' arguments are
+    ignored; ``autodecay_*`` keywords carry the YAML keys and run facts (see ``YAML_KEYS``, ``RUN_KEYS``).
+    """
+    ours = {k: kwargs.pop(k) for k in list(kwargs) if k.startswith(PREFIX)}
+    _check_keys(ours, [*YAML_KEYS, *RUN_KEYS], "setting(s)")
+    a = _run_shape(original, optimizer, args, kwargs)
+    upe, num_epochs, warmup_epochs = a["updates_per_epoch"], a["num_epochs"], a["warmup_epochs"]
+    unit = 1 if a["step_on_epochs"] else upe
+    settings = {k[len(PREFIX):]: v for k, v in ours.items() if k in YAML_KEYS}
+    end_training = settings.pop("end_training", True)
+    state_dir = ours.get(PREFIX + "state_dir") or train_py_checkpoint_dir()
+    scheduler = AutoDecayScheduler(
+        optimizer,
+        updates_per_epoch=upe,
+        decay_rate=a["decay_rate"],
+        t_initial=num_epochs * unit,
+        lr_min=a["min_lr"],
+        warmup_t=warmup_epochs * unit,
+        warmup_lr_init=a["warmup_lr"],
+        warmup_prefix=a["warmup_prefix"],
+        t_in_epochs=bool(a["step_on_epochs"]),
+        end_training=end_training,
+        end_interval=ours.get(PREFIX + "end_interval") or 1,
+        state_dir=state_dir,
+        resume_from=ours.get(PREFIX + "resume"),
+        **settings,
+    )
+    if is_primary():
+        detector = scheduler.detector
+        _logger.info(
+            f"AutoDecay: {detector.num_stages} stage(s) over at most {num_epochs} epochs ({upe} updates each), "
+            f"decay x{scheduler.decay_rate:g}, window {detector.window} updates, patience {detector.patience}; "
+            f"state in {os.path.join(state_dir, STATE_FILE) if state_dir else '(not saved: no checkpoint folder)'}")
+        if not state_dir:
+            _warn_no_state_dir()
+    if a["warmup_prefix"]:
+        num_epochs += warmup_epochs
+    return scheduler, num_epochs
