@@ -7,30 +7,36 @@ How it works
   every rank sees the same value. The callback feeds it to the :class:`~timm_autodecay.StageDetector` with
   ``count`` = the steps since the detector's previous observation. No extra device sync is added.
   The detector needs at least ``min_points`` (8) loss logs per window; at train start the callback warns,
-  with the values to set, when ``logging_steps`` is too coarse for that.
-* **Schedule.** The Trainer's scheduler is a ``LambdaLR`` (``lr = base_lr * lambda(step)``). A decay
-  multiplies its ``base_lrs`` by ``decay_rate`` (and the LR of the next step at once), so the Trainer's own
-  schedule keeps running underneath and the logged ``learning_rate`` is the LR used for that step.
-  ``constant`` / ``constant_with_warmup`` is the natural pairing (warmup, then AutoDecay's stages).
-  With ``linear`` / ``cosine`` the two multiply: the LR follows the annealing curve *and* drops by
-  ``decay_rate`` at each stage end. Other schedulers (``reduce_lr_on_plateau``, DeepSpeed's) are refused.
+  with the values to set, when ``logging_steps`` is too coarse for that. A loss log is also asked for at
+  every budget boundary and at the end of a cooldown, so they hold exactly under any logging interval.
+* **Non-finite losses.** A log that may hold non-finite losses (``hf_integration.loss_logs``) is left out;
+  no checkpoint is written at a step whose gradient was non-finite; two logs in a row holding only
+  non-finite losses stop the run with ``FloatingPointError`` (it has diverged).
+* **Schedule.** The Trainer's scheduler is a ``LambdaLR`` (``lr = base_lr * lambda(step)``). AutoDecay sets
+  its ``base_lrs`` (``hf_integration.lambda_lr``): a decay multiplies them by ``decay_rate``, and with
+  ``decay_shape="cooldown"`` the last stage's end starts a cooldown during which they follow the detector's
+  ``lr_at`` at every step, down to ``min_lr`` (default 0). The Trainer's lambda keeps running underneath
+  and the logged ``learning_rate`` is the LR used for that step. ``constant_with_warmup`` / ``constant`` is
+  the natural pairing (warmup, then AutoDecay's stages); with ``linear`` / ``cosine`` the two multiply.
+  Other schedulers (``reduce_lr_on_plateau``, a ``OneCycleLR`` of your own, DeepSpeed's) are refused.
 * **Budget.** ``total_updates`` defaults to the Trainer's ``max_steps``, ``warmup_updates`` to its warmup
-  steps, ``num_stages`` to 3: no stage outlasts ``(max_steps - warmup) / num_stages`` steps.
-* **Finish.** When the last stage ends, ``should_training_stop`` and ``should_save`` are set: training
-  ends at that step with a checkpoint (unless ``save_strategy="no"``).
+  steps: no stage outlasts its share of the steps after warmup (the cooldown's share set aside first).
+* **Finish.** When the last stage (or its cooldown) ends, ``should_training_stop`` and ``should_save`` are
+  set: training ends at that step with a checkpoint (unless ``save_strategy="no"``).
 * **Logs.** ``autodecay/stage`` (the stage the logged step ran in, like ``learning_rate``) is added to
   every loss log; ``autodecay/decision`` and ``autodecay/reason`` when a stage ends (the decay applies
-  from the next step). They reach ``trainer.state.log_history`` (and ``trainer_state.json``) and the
-  callbacks after this one (the progress bar / printer); reporting integrations (TensorBoard, W&B) run
-  before user callbacks, they see the decays through ``learning_rate``.
-* **Resume.** The detector's state is saved with every checkpoint in ``trainer_state.json``
-  (``stateful_callbacks``). On ``trainer.train(resume_from_checkpoint=...)`` the callback restores it
-  itself in ``on_train_begin``, whether or not ``restore_callback_states_from_checkpoint`` is set (when
-  it is, the Trainer replaces this callback object by a copy built from the checkpoint: look it up with
-  :func:`find_autodecay_callback`). The checkpoint's settings win over the current ones (with a warning),
-  so a resumed run continues exactly as the uninterrupted one. The Trainer forgets the losses since its
-  last log when it resumes, so the callback asks for a loss log at every checkpoint step (one extra log
-  per checkpoint when ``save_steps`` is not a multiple of ``logging_steps``).
+  from the next step); ``autodecay/ignored`` on a log left out. They reach ``trainer.state.log_history``
+  (and ``trainer_state.json``) and the callbacks after this one (the progress bar / printer); reporting
+  integrations (TensorBoard, W&B) run before user callbacks, they see the decays through ``learning_rate``.
+* **Resume.** The detector's state is saved with every checkpoint in its ``trainer_state.json``
+  (``stateful_callbacks``), so each checkpoint resumes on its own whatever was resumed before. On
+  ``trainer.train(resume_from_checkpoint=...)`` the callback restores it itself in ``on_train_begin``,
+  whether or not ``restore_callback_states_from_checkpoint`` is set (when it is, the Trainer replaces this
+  callback object by a copy built from the checkpoint: look it up with :func:`find_autodecay_callback`).
+  The entry is checked whole first (``hf_integration.saved_entry``; entries of release 0.1.0 are migrated).
+  The checkpoint's settings win over the current ones (with a warning), so a resumed run continues exactly
+  as the uninterrupted one. The Trainer forgets the losses since its last log when it resumes, so the
+  callback asks for a loss log at every checkpoint step.
 """
 from __future__ import annotations
 
@@ -42,14 +48,17 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 from transformers.utils import logging
 
-from timm_autodecay.detector import SETTINGS, Decision, StageDetector
+from timm_autodecay.detector import SETTINGS, Decision, StageDetector, check_float
 from timm_autodecay.torch_scheduler import check_decay_rate
 
 from .lambda_lr import adopt_new_groups, initial_lrs, set_base_lrs
 from .loss_logs import DivergenceWatch, read_loss_log
+from .saved_entry import SavedEntry, read_saved_entry
 from .trainer_setup import check_logging, check_scheduler, setting_name
 
 logger = logging.get_logger(__name__)
+
+DEFAULT_DECAY_SHAPE = "step"  # the shape when decay_shape is not passed (settings: "step" or "cooldown")
 
 __all__ = ["AutoDecayCallback", "find_autodecay_callback"]
 
@@ -64,33 +73,39 @@ def find_autodecay_callback(trainer) -> "AutoDecayCallback":
 
 class AutoDecayCallback(TrainerCallback, ExportableState):
     """Decays the learning rate by ``decay_rate`` when the training loss shows that a learning stage has
-    ended, and stops training (with a checkpoint) when the last stage has.
+    ended, and stops training (with a checkpoint) when the last stage has, or when the cooldown that
+    ``decay_shape="cooldown"`` starts there has.
 
     Args:
-        decay_rate: factor applied to the learning rate at each stage end, in (0, 1).
-        **settings: detector settings (``timm_autodecay.detector.SETTINGS``, e.g. ``num_stages``,
-            ``window``, ``significance``); ``total_updates`` defaults to the Trainer's ``max_steps`` and
+        decay_rate: factor applied to the learning rate at each stage end (before the last), in (0, 1).
+        min_lr: the floor a cooldown anneals to (``decay_shape="cooldown"`` only), the same for every group.
+        **settings: detector settings (``timm_autodecay.detector.SETTINGS``, e.g. ``decay_shape``,
+            ``num_stages``, ``window``); ``total_updates`` defaults to the Trainer's ``max_steps`` and
             ``warmup_updates`` to its warmup steps. Pass nothing to use the defaults.
     """
 
-    def __init__(self, decay_rate: float = 0.1, **settings: Any):
+    def __init__(self, decay_rate: float = 0.1, min_lr: float = 0.0, **settings: Any):
         self.decay_rate = check_decay_rate(decay_rate)
+        self.min_lr = check_float("min_lr", min_lr, 0.0)
         unknown = sorted(set(settings) - set(SETTINGS))
         if unknown:
             raise ValueError(f"unknown AutoDecay setting(s) {unknown}; known: {sorted(SETTINGS)}")
-        StageDetector.from_settings(settings)  # validates every value now, naming the bad one
-        self.settings: Dict[str, Any] = dict(settings)
+        settings = {"decay_shape": DEFAULT_DECAY_SHAPE, **settings}
+        shape = StageDetector.from_settings(settings).decay_shape  # validates every value now, naming the bad one
+        if self.min_lr and shape != "cooldown":
+            raise ValueError(f"min_lr={min_lr!r} is the floor a cooldown anneals to; it needs "
+                             "decay_shape='cooldown' (the step shape multiplies by decay_rate)")
+        self.settings: Dict[str, Any] = settings
         self.detector: Optional[StageDetector] = None
         self.last_decision: Optional[Decision] = None
         self._pending_state: Optional[Dict[str, Any]] = None
         self._scheduler = None
-        self._optimizer = None
         self._divergence = DivergenceWatch()
 
     # -- ExportableState ----------------------------------------------------------------------
     def state(self) -> dict:
         return {
-            "args": {"decay_rate": self.decay_rate, **self.settings},
+            "args": {"decay_rate": self.decay_rate, "min_lr": self.min_lr, **self.settings},
             "attributes": {"detector_state": self.detector_state},
         }
 
@@ -126,18 +141,15 @@ class AutoDecayCallback(TrainerCallback, ExportableState):
         if isinstance(state.stateful_callbacks.get(key), list):
             raise ValueError("more than one AutoDecayCallback in the Trainer's callbacks; pass one")
         check_scheduler(args, lr_scheduler)
-        self._scheduler, self._optimizer = lr_scheduler, optimizer
+        self._scheduler = lr_scheduler
         self.last_decision = None
         self._divergence = DivergenceWatch()
 
-        settings = {
-            "total_updates": state.max_steps,
-            "warmup_updates": args.get_warmup_steps(state.max_steps),
-            **self.settings,
-        }
-        saved = self._saved_state(state)
+        settings = {"total_updates": state.max_steps, "warmup_updates": args.get_warmup_steps(state.max_steps),
+                    **self.settings}
+        saved = self._saved_entry(state)
         if saved is not None:
-            self._restore(saved, settings, state)
+            self._restore(saved, settings)
         elif state.global_step > 0:
             # A checkpoint written without AutoDecay: start it now, with the remaining budget.
             warnings.warn(
@@ -155,7 +167,7 @@ class AutoDecayCallback(TrainerCallback, ExportableState):
         # without this callback lacks the key and would fail at the next save.
         state.stateful_callbacks.setdefault(key, self.state())
 
-        self._apply_stage_lr()
+        self._apply_lr(state.global_step)
         check_logging(args, state, self.detector)
         if self.detector.finished:
             warnings.warn(
@@ -165,66 +177,54 @@ class AutoDecayCallback(TrainerCallback, ExportableState):
                 stacklevel=2,
             )
 
-    def _saved_state(self, state) -> Optional[Dict[str, Any]]:
-        """The detector state to continue from: set by the Trainer's callback restore, or read from the
-        checkpoint's trainer_state.json (``state.stateful_callbacks``) when resuming."""
-        if self._pending_state is not None:
-            return {"decay_rate": self.decay_rate, "detector": self._pending_state}
-        if state.global_step <= 0:
+    def _saved_entry(self, state) -> Optional[SavedEntry]:
+        """The state to continue from, checked whole: the checkpoint's trainer_state.json entry when
+        resuming, else one the Trainer's callback restore (or ``from_state``) set on this object."""
+        stored = state.stateful_callbacks.get(type(self).__name__) if state.global_step > 0 else None
+        if stored is None and self._pending_state is not None:
+            stored = {"args": {"decay_rate": self.decay_rate, "min_lr": self.min_lr},
+                      "attributes": {"detector_state": self._pending_state}}
+        if stored is None:
             return None
-        stored = state.stateful_callbacks.get(type(self).__name__)
-        if not isinstance(stored, dict):
-            return None
-        detector_state = stored.get("attributes", {}).get("detector_state")
-        if detector_state is None:
-            return None
-        return {"decay_rate": stored.get("args", {}).get("decay_rate", self.decay_rate), "detector": detector_state}
+        return read_saved_entry(stored, state.global_step)
 
-    def _restore(self, saved: Dict[str, Any], settings: Dict[str, Any], state) -> None:
-        checkpoint_settings = dict(saved["detector"]["settings"])
+    def _restore(self, saved: SavedEntry, settings: Dict[str, Any]) -> None:
+        kept = saved.detector.settings()
         current = StageDetector.from_settings(settings).settings()
-        differ = {k: (checkpoint_settings.get(k), v) for k, v in current.items() if checkpoint_settings.get(k) != v}
-        if saved["decay_rate"] != self.decay_rate:
-            differ["decay_rate"] = (saved["decay_rate"], self.decay_rate)
+        differ = {k: (kept.get(k), v) for k, v in current.items() if kept.get(k) != v}
+        for name in ("decay_rate", "min_lr"):
+            if getattr(saved, name) != getattr(self, name):
+                differ[name] = (getattr(saved, name), getattr(self, name))
         if differ:
             listed = ", ".join(f"{k}: checkpoint {old!r}, now {new!r}" for k, (old, new) in sorted(differ.items()))
             warnings.warn(
                 f"AutoDecayCallback: the checkpoint's settings differ from this run's ({listed}); the "
                 "checkpoint's are kept so the run continues as it started",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=3,
             )
-        self.decay_rate = check_decay_rate(saved["decay_rate"])
-        detector = StageDetector.from_settings(checkpoint_settings)
-        detector.load_state_dict(saved["detector"])
-        if detector.update > state.global_step:
-            raise ValueError(
-                f"AutoDecay state from update {detector.update} does not belong to a checkpoint at step "
-                f"{state.global_step}"
-            )
-        self.detector = detector
+        self.decay_rate, self.min_lr, self.detector = saved.decay_rate, saved.min_lr, saved.detector
 
     # -- the learning rate ------------------------------------------------------------------------
-    def _rate_factor(self) -> float:
-        """The current rate relative to each group's initial LR."""
-        return self.decay_rate ** self.detector.stage
+    def _apply_lr(self, step: int) -> None:
+        """base_lrs = each group's rate after ``step`` updates (initial LR x decay_rate ** stage, or the
+        cooldown's), and the next step's LR with it. Idempotent: the same on a fresh start, after
+        scheduler.pt was loaded, after a decay, or at any step of a cooldown."""
+        scheduler, detector = self._scheduler, self.detector
+        adopt_new_groups(scheduler, detector.lr_at(step, 1.0, self.decay_rate))
+        set_base_lrs(scheduler, [detector.lr_at(step, lr, self.decay_rate, self.min_lr)
+                                 for lr in initial_lrs(scheduler)])
 
-    def _apply_stage_lr(self) -> None:
-        """base_lrs = initial LR x decay_rate ** stage, and the next step's LR with it. Idempotent: the
-        same on a fresh start, after scheduler.pt was loaded, or after a decay."""
-        scheduler = self._scheduler
-        adopt_new_groups(scheduler, self._rate_factor())
-        factor = self._rate_factor()
-        set_base_lrs(scheduler, [lr * factor for lr in initial_lrs(scheduler)])
-
-    # -- every step: new param groups, and a loss log wherever the detector must look --------------
+    # -- every step: new param groups, the cooldown's LR, a loss log wherever the detector must look ---
     def on_optimizer_step(self, args, state, control, **kwargs):
         # between optimizer.step() and the scheduler's step, which fails on a group it does not know
         if self.detector is not None:
-            adopt_new_groups(self._scheduler, self._rate_factor())
+            adopt_new_groups(self._scheduler, self.detector.lr_at(state.global_step, 1.0, self.decay_rate))
         return control
 
     def on_step_end(self, args, state, control, **kwargs):
+        if self.detector is not None and self.detector.in_cooldown and not self.detector.finished:
+            self._apply_lr(state.global_step)  # after the scheduler's step: the next step's LR
         return self._ask_for_log(state, control)
 
     def on_epoch_end(self, args, state, control, **kwargs):
@@ -232,19 +232,20 @@ class AutoDecayCallback(TrainerCallback, ExportableState):
 
     def _ask_for_log(self, state, control):
         """A loss log at every checkpoint (the Trainer drops unlogged losses when it resumes, so a run
-        resumed between logs would see a different loss) and at every budget boundary (a stage ends at
-        its share of the budget exactly, whatever the logging interval). DefaultFlowCallback, first in
-        the Trainer's list, has already decided should_save and should_log."""
+        resumed between logs would see a different loss), and where time alone ends a stage or the
+        cooldown (so they end there exactly, whatever the logging interval). DefaultFlowCallback, first
+        in the Trainer's list, has already decided should_save and should_log."""
         if self.detector is None or self.detector.finished:
             return control
-        boundary = self._next_boundary()
-        if control.should_save or state.global_step == boundary:
+        if control.should_save or state.global_step == self._next_boundary():
             control.should_log = True
         return control
 
     def _next_boundary(self) -> Optional[int]:
-        """The step at which time alone ends the current stage (its share of the budget), if any."""
+        """The step at which time alone ends the current stage (its share of the budget) or the cooldown."""
         detector = self.detector
+        if detector.in_cooldown:
+            return detector.cooldown_start + detector.cooldown_updates
         if detector.stage_budget is None:
             return None
         return max(detector.warmup_updates + 1, math.ceil(detector.stage_start + detector.stage_budget - 1e-9))
@@ -253,18 +254,15 @@ class AutoDecayCallback(TrainerCallback, ExportableState):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.detector is None or not logs or "loss" not in logs:
             return control  # eval logs, the closing summary (train_loss), or before training
-        stage = self.detector.stage
-        extra: Dict[str, Any] = {"autodecay/stage": stage}
-        if self.detector.finished:
-            self._annotate(state, logs, extra)
-            return control
+        extra: Dict[str, Any] = {"autodecay/stage": self.detector.stage}
         count = state.global_step - self.detector.update
-        if count <= 0:
+        if self.detector.finished or count <= 0:
+            self._annotate(state, logs, extra)
             return control
         log = read_loss_log(logs)
         self._divergence.update(state.global_step, log)  # raises once the run has diverged
         if not log.trusted:
-            self._leave_out(args, state, control, log, logs, extra)
+            self._leave_out(state, control, log, logs, extra)
             return control
         decision = self.detector.observe(log.loss, count)
         self.last_decision = decision
@@ -272,21 +270,21 @@ class AutoDecayCallback(TrainerCallback, ExportableState):
             extra["autodecay/decision"] = decision.action
             extra["autodecay/reason"] = decision.reason
         self._annotate(state, logs, extra)
-        if decision.action == "decay":
+        if decision.action in ("decay", "cooldown"):
             old = self._scheduler.get_last_lr()[0]
-            self._apply_stage_lr()
-            logger.info(
-                f"AutoDecay: stage {stage} ended at step {decision.update} ({decision.reason}); "
-                f"learning rate {old:.4g} -> {self._scheduler.get_last_lr()[0]:.4g}"
-            )
+            self._apply_lr(state.global_step)
+            what = (f"learning rate {old:.4g} -> {self._scheduler.get_last_lr()[0]:.4g}" if decision.action == "decay"
+                    else f"cooling down to {self.min_lr:g} over {self.detector.cooldown_updates} steps")
+            logger.info(f"AutoDecay: stage {extra['autodecay/stage']} ended at step {decision.update} "
+                        f"({decision.reason}); {what}")
         elif decision.action == "finish":
-            logger.info(f"AutoDecay: last stage ended at step {decision.update} ({decision.reason}); stopping")
+            logger.info(f"AutoDecay: the run ended at step {decision.update} ({decision.reason}); stopping")
             control.should_training_stop = True
             if setting_name(args.save_strategy) != "no":
                 control.should_save = True
         return control
 
-    def _leave_out(self, args, state, control, log, logs, extra) -> None:
+    def _leave_out(self, state, control, log, logs, extra) -> None:
         """A log whose loss may hold the NaN filter's substitutes: not observed (its steps count with the
         next log), and no checkpoint of possibly non-finite weights."""
         extra["autodecay/ignored"] = log.describe()

@@ -146,6 +146,7 @@ class EventRun:
             step, entry = resume
             self.state.global_step = step
             self.state.stateful_callbacks = {type(callback).__name__: json.loads(entry)}
+            self.optimizer.step()  # no gradients: changes nothing, but the scheduler expects it first
             for _ in range(step):  # as scheduler.pt would restore it
                 self.scheduler.step()
         self.nan_filter = nan_filter
