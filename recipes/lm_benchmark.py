@@ -1,0 +1,361 @@
+"""AutoDecay against the schedules a transformer user would pick: a character-level GPT-2 trained with
+AdamW through the Hugging Face `Trainer` on the Python standard library's sources.
+
+    OMP_NUM_THREADS=1 python recipes/lm_benchmark.py --config recipes/configs/lm_benchmark.yaml \
+        [--seeds 0 1 2] [--schedules autodecay cosine wsd ...] [--jobs 2] [--key value]
+
+Every schedule in `schedules` (see `PEERS`) is trained for every seed on the same task and budget
+(`budget_steps`); cosine and WSD also to `frontier_fractions` of it (the fixed-budget frontier), and the
+schedule-free optimizer is evaluated at those budgets. WSD and StepDecay branch off the constant-LR trunk
+(the `constant` peer; a checkpoint every `checkpoint_every` steps), so each costs only its cooldown.
+
+AutoDecay is judged paired by seed: against the better of cosine and WSD trained to AutoDecay's own length
+(the steps it used) on the same seed. Writes into `output_dir`: `results.json` (every run with its
+evaluations and training-loss log, the table rows, the paired comparison, the acceptance checks),
+`results.md` (the tables) and `pareto.png` (validation loss against steps, frontier lines).
+"""
+import argparse
+import json
+import shutil
+import sys
+import time
+import typing
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import asdict, dataclass, field, fields
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Callable, Optional
+
+import yaml
+from lm_report import acceptance, paired_rows, plot_pareto, table_rows, write_results
+from lm_runs import LMTask, RunSpec, lr_multipliers, shared_prefix, train_run
+from lm_task import CorpusError, read_corpus
+from tqdm.auto import tqdm
+
+from timm_autodecay.detector import SETTINGS
+
+
+@dataclass
+class LMBenchmarkConfig:
+    """The task (pinned), the comparison, and how many runs at once."""
+
+    train_files: list[str]
+    validation_files: list[str]
+    corpus_sha256: str
+    corpus_dir: Optional[str] = None  # default: this Python's standard-library folder
+    validation_chars: int = 204_800
+    context: int = 64
+    n_layer: int = 2
+    n_embd: int = 128
+    n_head: int = 4
+    batch_size: int = 16
+    eval_batch_size: int = 64
+    lr: float = 2e-3
+    warmup_steps: int = 40
+    budget_steps: int = 2000
+    logging_steps: int = 10
+    frontier_fractions: list[float] = field(default_factory=lambda: [0.4, 0.6, 0.8, 1.0])
+    wsd_decay_fraction: float = 0.2
+    wsd_decay_type: str = "1-sqrt"
+    step_milestones: list[int] = field(default_factory=lambda: [667, 1333])
+    decay_rate: float = 0.1
+    schedules: list[str] = field(default_factory=lambda: list(PEERS))
+    frontier: list[str] = field(default_factory=lambda: ["cosine", "wsd"])
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    checkpoint_every: int = 80
+    keep_checkpoints: bool = False
+    reuse_runs: bool = False  # take a run's result from its folder when an earlier invocation made it
+    max_paired_deficit: float = 0.01  # nats per character: the acceptance threshold
+    jobs: int = 2
+    output_dir: str = "runs/lm_benchmark"
+
+
+@dataclass(frozen=True)
+class Peer:
+    note: str  # why these settings, in one line
+    settings: Callable  # (cfg, steps) -> RunSpec fields: trainer overrides, autodecay kwargs, milestones
+    lengths: str = "budget"  # "budget": one run; "frontier": one per frontier budget; "evaluated": one run
+    # evaluated at every frontier budget
+    source: str = "scratch"  # "scratch", "trunk" (the constant-LR run others branch from) or "branch"
+    paired: bool = False  # judged against the frontier at its own length
+
+
+def _wsd(cfg: LMBenchmarkConfig, steps: int) -> dict:
+    kwargs = {"num_decay_steps": round(cfg.wsd_decay_fraction * steps), "decay_type": cfg.wsd_decay_type}
+    return {"trainer": {"lr_scheduler_type": "warmup_stable_decay", "lr_scheduler_kwargs": kwargs}}
+
+
+PEERS = {
+    "autodecay": Peer("the project's defaults (step shape) on the Trainer's constant_with_warmup, as its docs "
+                      "pair them; given only the run's shape by the Trainer",
+                      lambda cfg, steps: {"autodecay": {}}, paired=True),
+    "autodecay_cooldown": Peer("the same with decay_shape='cooldown': the stable phase ends on a plateau (or at "
+                               "its budget share), then a WSD-style 1-sqrt cooldown",
+                               lambda cfg, steps: {"autodecay": {"decay_shape": "cooldown"}}, paired=True),
+    "cosine": Peer("the Trainer's cosine to 0 at the budget, same warmup: the common no-tuning choice",
+                   lambda cfg, steps: {"trainer": {"lr_scheduler_type": "cosine"}}, lengths="frontier"),
+    "wsd": Peer("the Trainer's warmup_stable_decay, 1-sqrt cooldown over the last 20%: current LM practice "
+                "(Hägele et al. 2024: matches cosine)", _wsd, lengths="frontier", source="branch"),
+    "step": Peer("the baseline AutoDecay replaces: x0.1 at 1/3 and 2/3 of the budget (ImageNet's 30/60/90)",
+                 lambda cfg, steps: {"milestones": tuple(cfg.step_milestones), "decay_rate": cfg.decay_rate},
+                 source="branch"),
+    "constant": Peer("constant_with_warmup, no decay: AutoDecay's first stage run to the budget",
+                     lambda cfg, steps: {}, source="trunk"),
+    "schedulefree": Peer("the Trainer's optim='schedule_free_adamw' (its own warmup, constant schedule), the "
+                         "same lr (the low end of its README's 1x-10x): no budget to pick; evaluated in eval mode",
+                         lambda cfg, steps: {"trainer": {"optim": "schedule_free_adamw",
+                                                         "lr_scheduler_type": "constant"}},
+                         lengths="evaluated"),
+}
+
+
+# ----------------------------------------------------------------------------------------------
+# Configuration
+# ----------------------------------------------------------------------------------------------
+def _parse(kind, text: str):
+    if kind is bool:
+        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+            raise ValueError(f"expected true or false, got {text!r}")
+        return text.lower() in ("true", "1", "yes")
+    if typing.get_origin(kind) is typing.Union:  # Optional[str]
+        return None if text.lower() in ("none", "null", "") else text
+    return kind(text)
+
+
+def load_config(argv=None) -> LMBenchmarkConfig:
+    """`--config FILE.yaml` and `--key value` overrides (lists: `--seeds 0 1 2`); a bad key or value ends
+    the program with a message naming it."""
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     allow_abbrev=False)
+    parser.add_argument("--config", help="YAML file of config keys")
+    for f in fields(LMBenchmarkConfig):
+        is_list = typing.get_origin(f.type) is list
+        parser.add_argument(f"--{f.name}", nargs="+" if is_list else None, default=argparse.SUPPRESS)
+    args = vars(parser.parse_args(argv))
+    values = yaml.safe_load(Path(args.pop("config")).read_text()) if args.get("config") else {}
+    args.pop("config", None)
+    known = {f.name: f for f in fields(LMBenchmarkConfig)}
+    unknown = sorted(set(values) - set(known))
+    if unknown:
+        parser.error(f"unknown config key(s) {unknown}; known: {sorted(known)}")
+    for name, text in args.items():
+        kind = known[name].type
+        try:
+            values[name] = ([_parse(typing.get_args(kind)[0], t) for t in text]
+                            if typing.get_origin(kind) is list else _parse(kind, text))
+        except ValueError as error:
+            parser.error(f"--{name}: {error}")
+    try:
+        cfg = LMBenchmarkConfig(**values)
+    except TypeError as error:
+        parser.error(f"config: {error}")
+    try:
+        check_config(cfg)
+    except ValueError as error:
+        parser.error(str(error))
+    return cfg
+
+
+def check_config(cfg: LMBenchmarkConfig) -> None:
+    unknown = [name for name in cfg.schedules + cfg.frontier if name not in PEERS]
+    if unknown:
+        raise ValueError(f"schedules / frontier: unknown schedule(s) {unknown}; known: {list(PEERS)}")
+    if "autodecay_cooldown" in cfg.schedules and "decay_shape" not in SETTINGS:
+        raise ValueError("schedules: autodecay_cooldown needs an AutoDecay with the decay_shape setting")
+    if not all(0 < f <= 1 for f in cfg.frontier_fractions):
+        raise ValueError(f"frontier_fractions must lie in (0, 1], got {cfg.frontier_fractions}")
+    if not 0 < cfg.warmup_steps < min(frontier_budgets(cfg)):
+        raise ValueError(f"warmup_steps={cfg.warmup_steps} must be positive and below every frontier budget")
+
+
+def task_of(cfg: LMBenchmarkConfig) -> LMTask:
+    values = {f.name: getattr(cfg, f.name) for f in fields(LMTask)}
+    return LMTask(**{**values, "train_files": tuple(cfg.train_files), "validation_files": tuple(cfg.validation_files)})
+
+
+def frontier_budgets(cfg: LMBenchmarkConfig) -> list[int]:
+    return sorted({round(f * cfg.budget_steps) for f in cfg.frontier_fractions})
+
+
+# ----------------------------------------------------------------------------------------------
+# The plan: which runs, in which order
+# ----------------------------------------------------------------------------------------------
+@dataclass
+class Job:
+    spec: RunSpec
+    needs: tuple = ()  # keys of the jobs that must finish first (the trunk)
+    cost: int = 0  # steps to train: longest first
+
+    @property
+    def key(self) -> tuple:
+        return (self.spec.seed, self.spec.label)
+
+
+def trunk_dir(cfg: LMBenchmarkConfig, seed: int) -> Path:
+    return Path(cfg.output_dir) / "runs" / f"seed{seed}" / "constant"
+
+
+def make_job(cfg: LMBenchmarkConfig, name: str, seed: int, steps: int, evaluate_at: tuple = ()) -> Job:
+    """The run of schedule `name` to `steps` on `seed`; a branch resumes from the trunk's latest checkpoint
+    at or before the last step its schedule shares with the trunk's."""
+    peer, task = PEERS[name], task_of(cfg)
+    label = name if peer.lengths != "frontier" else f"{name}@{steps}"
+    spec = RunSpec(peer=name, seed=seed, max_steps=steps, label=label, evaluate_at=evaluate_at,
+                   output_dir=str(Path(cfg.output_dir) / "runs" / f"seed{seed}" / label), **peer.settings(cfg, steps))
+    if peer.source == "trunk":
+        return Job(RunSpec(**{**asdict(spec), "save_every": cfg.checkpoint_every}), cost=steps)
+    if peer.source != "branch":
+        return Job(spec, cost=steps)
+    trunk = RunSpec(peer="constant", seed=seed, max_steps=cfg.budget_steps, output_dir="")
+    shared = shared_prefix(lr_multipliers(spec, task), lr_multipliers(trunk, task))
+    start = shared // cfg.checkpoint_every * cfg.checkpoint_every
+    if start == 0:
+        return Job(spec, cost=steps)
+    resume = str(trunk_dir(cfg, seed) / f"checkpoint-{start}")
+    return Job(RunSpec(**{**asdict(spec), "resume_from": resume}), needs=((seed, "constant"),), cost=steps - start)
+
+
+def initial_jobs(cfg: LMBenchmarkConfig) -> list[Job]:
+    budgets = frontier_budgets(cfg)
+    needs_trunk = any(PEERS[name].source != "scratch" for name in cfg.schedules + cfg.frontier)
+    jobs = []
+    for seed in cfg.seeds:
+        for name in cfg.schedules:
+            peer = PEERS[name]
+            if peer.lengths == "frontier":
+                jobs += [make_job(cfg, name, seed, steps) for steps in budgets]
+            elif peer.lengths == "evaluated":
+                jobs.append(make_job(cfg, name, seed, cfg.budget_steps, evaluate_at=tuple(budgets)))
+            elif peer.source != "trunk":
+                jobs.append(make_job(cfg, name, seed, cfg.budget_steps))
+        if needs_trunk:
+            jobs.append(make_job(cfg, "constant", seed, cfg.budget_steps))
+    return jobs
+
+
+def paired_jobs(cfg: LMBenchmarkConfig, result: dict) -> list[Job]:
+    """After a paired run (AutoDecay) ends: the frontier schedules trained to its own length."""
+    if not PEERS[result["peer"]].paired:
+        return []
+    return [make_job(cfg, name, result["seed"], result["steps"]) for name in cfg.frontier]
+
+
+class InlineExecutor:
+    """`submit` runs the call at once, in this process (jobs: 1)."""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def submit(self, function, *args) -> Future:
+        future = Future()
+        future.set_result(function(*args))
+        return future
+
+
+def run_jobs(task: LMTask, jobs: list[Job], followups: Callable, processes: int, saved: Callable):
+    """Yield (job, result, jobs added) as each job finishes, in a pool of `processes` workers ("spawn":
+    each starts its own torch; 1: in this process). A job starts once the jobs it needs are done, paired
+    runs first (their followups depend on them), then longest first; `saved(job)` may give its result
+    without training; `followups(result)` may add jobs (one whose key is already planned is skipped)."""
+    pending = {job.key: job for job in jobs}
+    planned, done, running = set(pending), set(), {}
+    pool = ProcessPoolExecutor(processes, mp_context=get_context("spawn")) if processes > 1 else InlineExecutor()
+    with pool:
+        while pending or running:
+            ready = sorted((j for j in pending.values() if set(j.needs) <= done),
+                           key=lambda j: (not PEERS[j.spec.peer].paired, -j.cost))
+            if not ready and not running:
+                raise RuntimeError(f"jobs wait for jobs never planned: {sorted(pending)}")
+            for job in ready:
+                result = saved(job)
+                if result is None and len(running) >= processes:
+                    continue
+                del pending[job.key]
+                future = Future() if result is not None else pool.submit(train_run, task, job.spec)
+                if result is not None:
+                    future.set_result(result)
+                running[future] = job
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                job = running.pop(future)
+                result = future.result()
+                done.add(job.key)
+                new = [j for j in followups(result) if j.key not in planned]
+                planned.update(j.key for j in new)
+                pending.update((j.key, j) for j in new)
+                yield job, result, len(new)
+
+
+def saved_result(job: Job, task: LMTask) -> Optional[dict]:
+    """The result an earlier invocation saved for the same task and run (`reuse_runs`), or None. The trunk
+    counts only with all its checkpoints: branches planned later need them."""
+    path = Path(job.spec.output_dir) / "result.json"
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    if saved.get("spec") != _as_json(job.spec) or saved.get("task") != _as_json(task):
+        return None
+    every = job.spec.save_every
+    if every and not all((Path(job.spec.output_dir) / f"checkpoint-{step}").is_dir()
+                         for step in range(every, job.spec.max_steps + 1, every)):
+        return None
+    return saved["result"]
+
+
+def _as_json(record) -> dict:
+    return json.loads(json.dumps(asdict(record)))
+
+
+def train_all(cfg: LMBenchmarkConfig) -> list[dict]:
+    """Every run of the benchmark, with progress: a bar over the runs and a line per finished run. Each
+    result is also saved in its run's folder (result.json)."""
+    task, results = task_of(cfg), []
+    lookup = (lambda job: saved_result(job, task)) if cfg.reuse_runs else (lambda job: None)
+    jobs = initial_jobs(cfg)
+    with tqdm(total=len(jobs), desc="lm_benchmark runs", unit="run", file=sys.stdout) as bar:
+        for job, result, added in run_jobs(task, jobs, lambda r: paired_jobs(cfg, r), cfg.jobs, lookup):
+            results.append(result)
+            folder = Path(job.spec.output_dir)
+            folder.mkdir(parents=True, exist_ok=True)
+            record = {"spec": _as_json(job.spec), "task": _as_json(task), "result": result}
+            (folder / "result.json").write_text(json.dumps(record) + "\n")
+            bar.total += added
+            bar.update()
+            bar.write(f"seed {result['seed']} {result['label']}: val loss {result['val_loss']:.4f} nats/char at "
+                      f"step {result['steps']} ({result['wall_seconds']:.0f} s)")
+    if not cfg.keep_checkpoints:
+        for seed in cfg.seeds:
+            for folder in trunk_dir(cfg, seed).glob("checkpoint-*"):
+                shutil.rmtree(folder)
+    return results
+
+
+def main(argv=None) -> dict:
+    cfg = load_config(argv)
+    started = time.perf_counter()
+    try:  # the pinned corpus, checked before any run starts
+        read_corpus(cfg.corpus_dir, cfg.train_files, cfg.validation_files, cfg.corpus_sha256, cfg.validation_chars)
+    except CorpusError as error:
+        sys.exit(f"lm_benchmark: error: {error}")
+    results = train_all(cfg)
+    budgets = frontier_budgets(cfg)
+    rows = table_rows(results, cfg.schedules, budgets, cfg.budget_steps)
+    paired = paired_rows(results, [name for name in cfg.schedules if PEERS[name].paired], cfg.frontier,
+                         cfg.budget_steps)
+    checks = acceptance(results, paired, cfg.budget_steps, cfg.max_paired_deficit)
+    summary = {"config": asdict(cfg), "peers": {name: PEERS[name].note for name in cfg.schedules},
+               "rows": rows, "paired": paired, "acceptance": checks, "runs": results,
+               "wall_seconds": time.perf_counter() - started,
+               "cpu_seconds": sum(run["cpu_seconds"] for run in results)}
+    output = Path(cfg.output_dir)
+    table = write_results(output, summary)
+    plot_pareto(results, cfg.schedules, cfg.frontier, budgets, output / "pareto.png")
+    print(table)
+    return summary
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,188 @@
+"""One run of the transformer benchmark, through the Hugging Face `Trainer` as a user would write it.
+
+A `RunSpec` says which schedule (TrainingArguments overrides, an `AutoDecayCallback`, or StepDecay's
+milestones), how long, where to evaluate, and whether the run is the constant-LR trunk (it saves a
+checkpoint every `save_every` steps) or a branch resumed from one of the trunk's checkpoints with
+`trainer.train(resume_from_checkpoint=...)`. A branch is exact: the trunk and the branch's schedule have
+the same learning rate up to the branch point (`shared_prefix` checks it on the schedules themselves), the
+data order is a function of the step, and the Trainer restores the model, AdamW's moments, the
+scheduler's step and the RNG. So WSD at four budgets costs one trunk plus four cooldowns.
+"""
+import functools
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+from lm_task import TrainWindows, ValidationWindows, make_model, read_corpus
+from torch.optim.lr_scheduler import LambdaLR
+from transformers import Trainer, TrainerCallback, TrainingArguments, get_scheduler
+from transformers.trainer_callback import PrinterCallback
+
+from hf_integration import AutoDecayCallback
+
+DEFAULT_SCHEDULE = "constant_with_warmup"  # a run's lr_scheduler_type unless its spec says otherwise
+
+
+@dataclass(frozen=True)
+class LMTask:
+    """What every run shares: the corpus, the model, the optimiser's settings, the budget."""
+
+    corpus_dir: Optional[str]
+    train_files: tuple
+    validation_files: tuple
+    corpus_sha256: str
+    validation_chars: int
+    context: int
+    n_layer: int
+    n_embd: int
+    n_head: int
+    batch_size: int
+    eval_batch_size: int
+    lr: float
+    warmup_steps: int
+    budget_steps: int
+    logging_steps: int
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    peer: str  # the PEERS name
+    seed: int
+    max_steps: int  # the run's budget (AutoDecay may end earlier)
+    output_dir: str
+    trainer: dict = field(default_factory=dict)  # TrainingArguments overrides (lr_scheduler_type, optim, ...)
+    autodecay: Optional[dict] = None  # AutoDecayCallback keyword arguments; None: no callback
+    milestones: tuple = ()  # StepDecay: the LR is multiplied by decay_rate from each of these steps on
+    decay_rate: float = 0.1
+    evaluate_at: tuple = ()  # steps to evaluate at besides the run's last one
+    save_every: int = 0  # the trunk: a checkpoint every this many steps
+    resume_from: Optional[str] = None  # a trunk checkpoint folder to continue from
+    label: str = ""  # e.g. "cosine@800"
+
+
+def step_decay_factor(step: int, warmup_steps: int, milestones: tuple, decay_rate: float) -> float:
+    """StepDecay's LR multiplier: a linear warmup, then x decay_rate at each milestone reached."""
+    if step < warmup_steps:
+        return step / max(1, warmup_steps)
+    return decay_rate ** sum(step >= m for m in milestones)
+
+
+class FixedScheduleTrainer(Trainer):
+    """A Trainer whose LR multiplier is a given function of the step: a schedule the Trainer has no
+    `lr_scheduler_type` for (StepDecay)."""
+
+    def __init__(self, *args, lr_lambda, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.lr_lambda = lr_lambda
+
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        if self.lr_scheduler is None:
+            self.lr_scheduler = LambdaLR(optimizer or self.optimizer, self.lr_lambda)
+        return self.lr_scheduler
+
+
+class EvaluateAt(TrainerCallback):
+    """Asks the Trainer to evaluate after the given steps (the frontier budgets of one long run)."""
+
+    def __init__(self, steps):
+        self.steps = set(steps)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step in self.steps:
+            control.should_evaluate = True
+        return control
+
+
+def lr_multipliers(spec: RunSpec, task: LMTask) -> list[float]:
+    """The schedule's LR multiplier for updates 0..max_steps, as the run's Trainer builds it."""
+    if spec.milestones:
+        factor = functools.partial(step_decay_factor, warmup_steps=task.warmup_steps,
+                                   milestones=spec.milestones, decay_rate=spec.decay_rate)
+        return [factor(step) for step in range(spec.max_steps + 1)]
+    probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    scheduler = get_scheduler(
+        spec.trainer.get("lr_scheduler_type", DEFAULT_SCHEDULE), optimizer=probe, num_warmup_steps=task.warmup_steps,
+        num_training_steps=spec.max_steps, scheduler_specific_kwargs=spec.trainer.get("lr_scheduler_kwargs"),
+    )
+    return [fn(step) for fn in scheduler.lr_lambdas[:1] for step in range(spec.max_steps + 1)]
+
+
+def shared_prefix(branch: list[float], trunk: list[float]) -> int:
+    """The last step k at which a run resumed from the trunk's checkpoint after k updates continues
+    exactly as the branch schedule would have: both schedules agree on every update up to k (the
+    optimizer's LR at the checkpoint is the trunk's multiplier for update k)."""
+    agree = 0
+    for step, (a, b) in enumerate(zip(branch, trunk)):
+        if abs(a - b) > 1e-12:
+            break
+        agree = step
+    return agree
+
+
+@functools.lru_cache(maxsize=2)
+def load_data(task: LMTask, seed: int):
+    """The seed's training windows (budget_steps x batch_size, read in order) and the validation set."""
+    corpus = read_corpus(task.corpus_dir, list(task.train_files), list(task.validation_files),
+                         task.corpus_sha256, task.validation_chars)
+    train = TrainWindows(corpus.train, task.context, task.budget_steps * task.batch_size, seed)
+    return corpus, train, ValidationWindows(corpus.validation, task.context)
+
+
+def training_arguments(spec: RunSpec, task: LMTask) -> TrainingArguments:
+    settings = dict(
+        output_dir=spec.output_dir, max_steps=spec.max_steps, per_device_train_batch_size=task.batch_size,
+        per_device_eval_batch_size=task.eval_batch_size, learning_rate=task.lr, warmup_steps=task.warmup_steps,
+        logging_steps=task.logging_steps, seed=spec.seed, train_sampling_strategy="sequential",
+        save_strategy="steps" if spec.save_every else "no", save_steps=spec.save_every or 500,
+        report_to="none", disable_tqdm=True, dataloader_num_workers=0, dataloader_pin_memory=False, log_level="warning",
+        lr_scheduler_type=DEFAULT_SCHEDULE,
+    )
+    settings.update(spec.trainer)
+    return TrainingArguments(**settings)
+
+
+def train_run(task: LMTask, spec: RunSpec) -> dict:
+    """Train one run, evaluate at `evaluate_at` and at its last step; the validation loss (nats per
+    character) at each, the training-loss log, AutoDecay's decisions, and the wall time."""
+    started, cpu_started = time.perf_counter(), time.process_time()
+    torch.set_num_threads(1)
+    corpus, train, validation = load_data(task, spec.seed)
+    model = make_model(len(corpus.vocabulary), task.context, task.n_layer, task.n_embd, task.n_head, spec.seed)
+    callbacks = [EvaluateAt(s for s in spec.evaluate_at if s < spec.max_steps)]
+    autodecay = AutoDecayCallback(**spec.autodecay) if spec.autodecay is not None else None
+    if autodecay is not None:
+        callbacks.append(autodecay)
+    kwargs = dict(model=model, args=training_arguments(spec, task), train_dataset=train,
+                  eval_dataset=validation, callbacks=callbacks)
+    if spec.milestones:
+        lr_lambda = functools.partial(step_decay_factor, warmup_steps=task.warmup_steps,
+                                      milestones=spec.milestones, decay_rate=spec.decay_rate)
+        trainer = FixedScheduleTrainer(lr_lambda=lr_lambda, **kwargs)
+    else:
+        trainer = Trainer(**kwargs)
+    trainer.remove_callback(PrinterCallback)  # the benchmark prints one line per run instead
+    trainer.train(resume_from_checkpoint=spec.resume_from)
+    history = trainer.state.log_history
+    if not any(entry.get("step") == trainer.state.global_step and "eval_loss" in entry for entry in history):
+        trainer.evaluate()
+    evals = [{"step": e["step"], "val_loss": e["eval_loss"]} for e in history if "eval_loss" in e]
+    return {
+        "peer": spec.peer, "label": spec.label or spec.peer, "seed": spec.seed, "max_steps": spec.max_steps,
+        "steps": trainer.state.global_step, "val_loss": evals[-1]["val_loss"], "evals": evals,
+        "train_log": [{"step": e["step"], "loss": e["loss"], "lr": e.get("learning_rate")}
+                      for e in history if "loss" in e],
+        "autodecay": autodecay.history if autodecay is not None else None,
+        "resumed_from": _checkpoint_step(spec.resume_from),
+        "validation_predictions": validation.predictions,
+        "evaluate_at": list(spec.evaluate_at),
+        "wall_seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu_started,
+    }
+
+
+def _checkpoint_step(folder: Optional[str]) -> Optional[int]:
+    if folder is None:
+        return None
+    return json.loads((Path(folder) / "trainer_state.json").read_text())["global_step"]

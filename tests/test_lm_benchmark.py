@@ -1,0 +1,125 @@
+"""`recipes/lm_benchmark.py`, the transformer benchmark: a pinned corpus is refused when it differs, the
+paired comparison's arithmetic, and a smoke run of the real Trainer code path on a tiny slice of the
+standard library (branches off the constant-LR trunk end exactly where straight runs do)."""
+import dataclasses
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "recipes"))
+CONFIG = ROOT / "recipes" / "configs" / "lm_benchmark.yaml"
+
+from lm_report import acceptance, paired_rows  # noqa: E402
+from lm_task import CorpusError, corpus_sha256, read_corpus, stdlib_dir  # noqa: E402
+
+
+def write_corpus(folder: Path) -> dict:
+    """A tiny corpus of real text: slices of two standard-library modules, one held out."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "train.py").write_text((stdlib_dir() / "argparse.py").read_text(encoding="utf-8")[:30_000])
+    (folder / "held_out.py").write_text((stdlib_dir() / "difflib.py").read_text(encoding="utf-8")[:4_000])
+    return {"directory": folder, "train_files": ["train.py"], "validation_files": ["held_out.py"],
+            "sha256": corpus_sha256(folder, ["train.py", "held_out.py"])}
+
+
+def test_a_different_corpus_is_refused_with_both_checksums(tmp_path):
+    corpus = write_corpus(tmp_path)
+    pinned = corpus["sha256"]
+    read = read_corpus(tmp_path, corpus["train_files"], corpus["validation_files"], pinned, 2048)
+    assert len(read.validation) == 2048 and len(read.train) == 30_000
+
+    with open(tmp_path / "train.py", "a") as file:  # another Python version: other sources
+        file.write("# one more line\n")
+    actual = corpus_sha256(tmp_path, ["train.py", "held_out.py"])
+    with pytest.raises(CorpusError) as error:
+        read_corpus(tmp_path, corpus["train_files"], corpus["validation_files"], pinned, 2048)
+    message = str(error.value)
+    assert pinned in message and actual in message
+    assert f"--corpus_sha256 {actual}" in message  # how to proceed anyway
+
+
+def test_validation_text_is_held_out_and_long_enough(tmp_path):
+    corpus = write_corpus(tmp_path)
+    with pytest.raises(CorpusError, match="held out"):
+        read_corpus(tmp_path, ["train.py", "held_out.py"], ["held_out.py"], corpus["sha256"], 2048)
+    with pytest.raises(CorpusError, match="validation_chars=10000"):
+        read_corpus(tmp_path, corpus["train_files"], corpus["validation_files"], corpus["sha256"], 10_000)
+
+
+def run(peer, seed, steps, val_loss, max_steps=None):
+    return {"peer": peer, "seed": seed, "steps": steps, "max_steps": max_steps or steps, "val_loss": val_loss}
+
+
+def test_paired_deficit_is_against_the_better_frontier_schedule_at_the_same_length():
+    results = [
+        run("autodecay", 0, 1200, 1.60, max_steps=2000), run("cosine", 0, 1200, 1.58), run("wsd", 0, 1200, 1.57),
+        run("autodecay", 1, 1000, 1.50, max_steps=2000), run("cosine", 1, 1000, 1.52), run("wsd", 1, 1000, 1.53),
+        run("wsd", 1, 2000, 1.40), run("cosine", 0, 2000, 1.39),  # other lengths: not the pair
+        run("step", 0, 2000, 1.62), run("step", 1, 2000, 1.49),
+    ]
+    paired = paired_rows(results, ["autodecay"], ["cosine", "wsd"], budget_steps=2000)["autodecay"]
+    assert [row["deficit"] for row in paired["seeds"]] == pytest.approx([0.03, -0.02])
+    assert paired["mean_deficit"] == pytest.approx(0.005)
+    assert paired["steps_saved"] == 900 and paired["steps_saved_percent"] == pytest.approx(45.0)
+
+    checks = acceptance(results, {"autodecay": paired}, budget_steps=2000, max_deficit=0.01)["autodecay"]
+    assert checks["deficit_ok"] and checks["no_worse_than_step"]
+    assert checks["val_loss_mean"] == pytest.approx(1.55) and checks["step_val_loss_mean"] == pytest.approx(1.555)
+    assert not acceptance(results, {"autodecay": paired}, 2000, max_deficit=0.001)["autodecay"]["deficit_ok"]
+
+    worse_than_step = [r if r["peer"] != "step" else {**r, "val_loss": 1.40} for r in results]
+    assert not acceptance(worse_than_step, {"autodecay": paired}, 2000, 0.01)["autodecay"]["no_worse_than_step"]
+
+
+def test_a_paired_run_without_a_frontier_run_of_its_length_is_an_error():
+    results = [run("autodecay", 0, 1200, 1.60, max_steps=2000), run("cosine", 0, 2000, 1.50)]
+    with pytest.raises(ValueError, match="no frontier schedule"):
+        paired_rows(results, ["autodecay"], ["cosine", "wsd"], budget_steps=2000)
+
+
+@pytest.mark.slow
+def test_benchmark_smoke_on_a_tiny_corpus(tmp_path, capsys):
+    import lm_benchmark
+    from lm_runs import train_run
+
+    corpus = write_corpus(tmp_path / "corpus")
+    argv = ["--config", str(CONFIG), "--corpus_dir", str(corpus["directory"]),
+            "--train_files", *corpus["train_files"], "--validation_files", *corpus["validation_files"],
+            "--corpus_sha256", corpus["sha256"], "--validation_chars", "2048", "--n_embd", "32",
+            "--batch_size", "4", "--budget_steps", "40", "--warmup_steps", "2", "--logging_steps", "1",
+            "--step_milestones", "14", "27", "--checkpoint_every", "8", "--frontier_fractions", "0.5", "1.0",
+            "--schedules", "autodecay", "cosine", "wsd", "step", "constant", "--seeds", "0", "--jobs", "1",
+            "--output_dir", str(tmp_path / "out")]
+    summary = lm_benchmark.main(argv)
+
+    for name in ("results.json", "results.md", "pareto.png"):
+        assert (tmp_path / "out" / name).stat().st_size > 0
+    labels = {r["label"] for r in summary["runs"]}
+    assert {"autodecay", "cosine@20", "cosine@40", "wsd@20", "wsd@40", "step", "constant"} <= labels
+    autodecay = next(r for r in summary["runs"] if r["peer"] == "autodecay")
+    pair = summary["paired"]["autodecay"]["seeds"][0]
+    assert pair["steps"] == autodecay["steps"] <= 40
+    assert pair["cosine"] is not None and pair["wsd"] is not None  # both trained to AutoDecay's length
+    assert "Paired by seed: autodecay" in (tmp_path / "out" / "results.md").read_text()
+    assert "seed 0 autodecay: val loss" in capsys.readouterr().out  # progress, one line per run
+
+    # StepDecay's first milestone is 14: it branches off the trunk's checkpoint at 8; WSD to 40 at 32
+    branched = {r["label"]: r for r in summary["runs"]}
+    assert branched["step"]["resumed_from"] == 8 and branched["wsd@40"]["resumed_from"] == 32
+    assert not list((tmp_path / "out" / "runs" / "seed0" / "constant").glob("checkpoint-*"))  # cleaned up
+
+    cfg = lm_benchmark.load_config(argv)
+    for job in (lm_benchmark.make_job(cfg, "wsd", 0, 40), lm_benchmark.make_job(cfg, "step", 0, 40)):
+        spec = dataclasses.replace(job.spec, resume_from=None, output_dir=str(tmp_path / "straight"))
+        straight = train_run(lm_benchmark.task_of(cfg), spec)
+        assert straight["val_loss"] == pytest.approx(branched[spec.label]["val_loss"], abs=1e-6)
+
+    with pytest.raises(SystemExit, match=corpus["sha256"]):
+        lm_benchmark.main(argv[:argv.index("--corpus_sha256")] + ["--corpus_sha256", "0" * 64]
+                          + argv[argv.index("--corpus_sha256") + 2:])
