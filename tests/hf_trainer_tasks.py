@@ -91,9 +91,11 @@ class StopAt(TrainerCallback):
             control.should_save = True
 
 
-def user_trainer(output_dir, callbacks, eval_dataset=None, model_class=MLP, optimizer=None, **overrides):
+def user_trainer(output_dir, callbacks, eval_dataset=None, model_class=MLP, optimizer=None, scheduler=None,
+                 **overrides):
     """A Trainer as a user writes it: nothing AutoDecay-specific but the callback. ``optimizer``: a function
-    of the model's parameters building the optimizer the Trainer is given (else it builds ``optim``)."""
+    of the model's parameters building the optimizer the Trainer is given (else it builds ``optim``);
+    ``scheduler``: a function of that optimizer building the scheduler it is given."""
     settings = dict(
         output_dir=str(output_dir), max_steps=MAX_STEPS, logging_steps=10, lr_scheduler_type="constant",
         learning_rate=LR, optim="sgd", per_device_train_batch_size=32, save_steps=100, seed=0,
@@ -102,7 +104,8 @@ def user_trainer(output_dir, callbacks, eval_dataset=None, model_class=MLP, opti
     settings.update(overrides)
     torch.manual_seed(0)
     model = model_class()
-    optimizers = (None if optimizer is None else optimizer(model.parameters()), None)
+    built = None if optimizer is None else optimizer(model.parameters())
+    optimizers = (built, None if scheduler is None else scheduler(built))
     return Trainer(model=model, args=TrainingArguments(**settings), train_dataset=NoisyClassification(),
                    eval_dataset=eval_dataset, callbacks=callbacks, optimizers=optimizers)
 
