@@ -1,11 +1,5 @@
-"""The timm face's entry points: timm's factory, the explicit ``register()``, the start-up hook and
-its ``.pth`` line, the bad settings they refuse, and one-way imports between the timm modules."""
-import ast
-import os
-import shutil
-import subprocess
-import sys
-import venv
+"""timm's scheduler factory with ``sched="autodecay"``: what it builds, what it leaves alone, the
+checkpoint folder it finds, and the bad settings it refuses."""
 import warnings
 from pathlib import Path
 
@@ -21,13 +15,6 @@ from timm_autodecay.timm_scheduler import AutoDecayScheduler
 
 ROOT = Path(__file__).resolve().parents[1]
 ORIGINAL = "__timm_autodecay_original__"
-
-
-def setup_constants():
-    """PTH_NAME and PTH_LINE, as setup.py ships them."""
-    tree = ast.parse((ROOT / "setup.py").read_text())
-    return {t.id: ast.literal_eval(node.value) for node in tree.body if isinstance(node, ast.Assign)
-            for t in node.targets if isinstance(t, ast.Name) and isinstance(node.value, ast.Constant)}
 
 
 def test_factory_builds_autodecay_and_leaves_other_schedules_alone(tmp_path):
@@ -118,93 +105,3 @@ def test_bad_config_keys_are_rejected_by_scheduler_kwargs():
     assert "autodecay_windw" not in timm.scheduler.scheduler_kwargs(make_args(sched="step", autodecay_windw=3))
 
 
-# -- imports and the start-up hook -----------------------------------------------------------------
-def project_imports(path):
-    """The timm_autodecay modules ``path`` imports, at module level or inside functions."""
-    found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
-            found |= {node.module} if node.module else {alias.name for alias in node.names}
-        elif isinstance(node, ast.ImportFrom) and (node.module or "").startswith("timm_autodecay."):
-            found.add(node.module.split(".")[1])
-        elif isinstance(node, ast.Import):
-            found |= {a.name.split(".")[1] for a in node.names if a.name.startswith("timm_autodecay.")}
-    return {name.split(".")[0] for name in found}
-
-
-def test_timm_modules_import_one_way():
-    """hook -> factory -> scheduler -> (signal, state, detector): no module imports one that imports it."""
-    package = ROOT / "timm_autodecay"
-    graph = {p.stem: project_imports(p) for p in package.glob("*.py")}
-    assert graph["timm_hook"] == {"timm_factory"}
-    assert "timm_hook" not in set().union(*(deps for name, deps in graph.items() if name != "timm_hook"))
-
-    def reaches(start, goal, seen=()):
-        return any(d == goal or (d not in seen and reaches(d, goal, (*seen, d))) for d in graph.get(start, ()))
-    cycles = [name for name in graph if reaches(name, name)]
-    assert not cycles, f"import cycles through {cycles}"
-
-
-def run_python(*args, env=None, python=sys.executable, cwd=None):
-    environment = {**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}
-    environment.pop("PYTHONPATH", None)
-    return subprocess.run([str(python), *args], env=environment, capture_output=True, text=True, timeout=300,
-                          cwd=cwd)
-
-
-def test_the_pth_line_is_silent_once_the_checkout_is_gone(tmp_path):
-    """``pip install -e CHECKOUT``, then the checkout moved or deleted: every interpreter start must
-    stay silent. A fresh virtual environment holds the hook's .pth and a path entry to a copy of
-    the package, as an install does; then the copy is deleted."""
-    constants = setup_constants()
-    env_dir = tmp_path / "env"
-    venv.EnvBuilder(with_pip=False).create(env_dir)
-    python = env_dir / "bin" / "python"
-    site_packages = Path(run_python("-c", "import site; print(site.getsitepackages()[0])",
-                                    python=python).stdout.strip())
-    checkout = tmp_path / "checkout"
-    shutil.copytree(ROOT / "timm_autodecay", checkout / "timm_autodecay",
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    (site_packages / "checkout.pth").write_text(f"{checkout}\n")
-    (site_packages / constants["PTH_NAME"]).write_text(constants["PTH_LINE"])
-    armed = "import sys; print(any(type(f).__name__ == '_TimmSchedulerFinder' for f in sys.meta_path))"
-
-    installed = run_python("-c", armed, python=python, cwd=tmp_path)
-    assert (installed.returncode, installed.stdout.strip(), installed.stderr) == (0, "True", "")
-    shutil.rmtree(checkout)
-    for code in ("pass", armed):
-        gone = run_python("-c", code, python=python, cwd=tmp_path)
-        assert gone.returncode == 0 and gone.stderr == "", gone.stderr
-    assert gone.stdout.strip() == "False"
-
-
-@pytest.mark.slow
-def test_startup_hook_is_lazy_and_registers_on_timm_import_and_only_there(tmp_path):
-    """What the installed .pth does: no torch/timm at start-up, train.py's import gets our names; without
-    the hook, importing the package registers nothing until ``register()``. Interpreters start without
-    site (``-S``) so that only this test's .pth runs, with the packages on sys.path."""
-    constants = setup_constants()
-    site_dir = tmp_path / "site"
-    site_dir.mkdir()
-    (site_dir / constants["PTH_NAME"]).write_text(constants["PTH_LINE"])
-    paths = [str(ROOT), *(p for p in sys.path if p.endswith("site-packages"))]
-    prelude = f"import site, sys; sys.path[:0] = {paths!r}; "
-    probe = ("import timm.scheduler as s; "
-             f"print(hasattr(s.create_scheduler_v2, {ORIGINAL!r}), hasattr(s.scheduler_kwargs, {ORIGINAL!r}))")
-    hooked = run_python("-S", "-c", prelude + (
-        f"site.addsitedir({str(site_dir)!r}); "
-        "print(any(type(f).__name__ == '_TimmSchedulerFinder' for f in sys.meta_path), "
-        "'torch' in sys.modules, 'timm' in sys.modules); " + probe))
-    assert hooked.returncode == 0, hooked.stderr
-    assert hooked.stdout.split() == ["True", "False", "False", "True", "True"]  # as train.py imports them
-
-    explicit = run_python("-S", "-c", prelude + (
-        "import timm_autodecay.timm_scheduler, timm_autodecay.timm_factory as f; " + probe + "; "
-        "f.register(); " + probe))
-    assert explicit.returncode == 0, explicit.stderr
-    assert explicit.stdout.split() == ["False", "False", "True", "True"]
-
-    off = run_python("-S", "-c", prelude + f"site.addsitedir({str(site_dir)!r}); "
-                     "print(any(type(f).__name__ == '_TimmSchedulerFinder' for f in sys.meta_path))",
-                     env={"TIMM_AUTODECAY_HOOK": "0"})
-    assert off.returncode == 0 and off.stdout.split() == ["False"], off.stderr

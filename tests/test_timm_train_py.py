@@ -25,7 +25,13 @@ from timm_train_py import (
 )
 
 from timm_autodecay.detector import StageDetector
-from timm_autodecay.timm_scheduler import STATE_FILE, AutoDecayFinished, AutoDecayScheduler
+from timm_autodecay.timm_scheduler import AutoDecayFinished, AutoDecayScheduler
+from timm_autodecay.timm_state import STATE_FILE, read_entries
+
+
+def unread(state):
+    """Losses a saved scheduler state holds that the detector has not seen."""
+    return state["pending_losses"]["finite"] + state["pending_losses"]["nonfinite"]
 
 
 @pytest.mark.parametrize("sched_on_updates", [False, True])
@@ -66,12 +72,12 @@ def test_train_py_loop_decays_on_plateaus_and_ends_early(tmp_path, caplog, sched
     run["optimizer"].step()
 
     # the state file: one entry per completed epoch, written atomically (no temporary left)
-    saved = json.loads((tmp_path / STATE_FILE).read_text())
-    assert sorted(map(int, saved["epochs"])) == list(range(1, last_epoch + 2))
-    assert saved["epochs"][str(last_epoch + 1)]["detector"]["finished"] is True
+    saved = read_entries(str(tmp_path / STATE_FILE))
+    assert [entry["epoch"] for entry in saved] == list(range(1, last_epoch + 2))
+    assert saved[-1]["state"]["detector"]["finished"] is True
     # every epoch's losses were read (averaged over ranks) before its state was saved: a state
     # written by rank 0 alone holds nothing rank-specific, so all ranks may resume from it
-    assert all(state["pending_losses"]["updates"] == 0 for state in saved["epochs"].values())
+    assert all(unread(entry["state"]) == 0 for entry in saved)
     assert [p.name for p in tmp_path.iterdir() if ".tmp" in p.name] == []
 
 
@@ -130,10 +136,10 @@ def test_every_epoch_end_reads_the_pending_losses(tmp_path):
         k = (n - 1) % UPE + 1
         scheduler.step_update(n, metric=sum(losses[n - k:n]) / k)
         if n % UPE == 0:
-            assert scheduler.accumulator.updates == 0 and scheduler.detector.update == n
+            assert unread(scheduler.state_dict()) == 0 and scheduler.detector.update == n
             scheduler.step(n // UPE)
-    saved = json.loads((tmp_path / STATE_FILE).read_text())["epochs"]
-    assert len(saved) == 20 and all(state["pending_losses"]["updates"] == 0 for state in saved.values())
+    saved = read_entries(str(tmp_path / STATE_FILE))
+    assert len(saved) == 20 and all(unread(entry["state"]) == 0 for entry in saved)
     assert scheduler.history and scheduler.history == replayed_history(scheduler, losses)
 
 

@@ -24,27 +24,36 @@ import timm.scheduler
 import torch
 from timm.utils import AverageMeter, CheckpointSaver, update_summary
 
-from timm_autodecay import timm_factory
 from timm_autodecay.detector import SETTINGS, StageDetector
 
-# A program that builds timm's scheduler itself registers autodecay explicitly (the installed
-# start-up hook does it for train.py; this also works with TIMM_AUTODECAY_HOOK=0).
-timm_factory.register()
+# Like train.py, this relies on the installed start-up hook to register autodecay in timm's factory.
+if not hasattr(timm.scheduler.create_scheduler_v2, "__timm_autodecay_original__"):
+    raise RuntimeError("sched='autodecay' is not registered in timm: the timm tests need the package installed "
+                       "(pip install -e .), with its start-up hook on (TIMM_AUTODECAY_HOOK unset)")
 
 UPE = 10  # updates per epoch
 BASE_LR = 0.1
 
 
-def feed_epoch_means(scheduler, losses, start=0, stop=None, epoch_end=True):
+def feed_epoch_means(scheduler, losses, start=0, stop=None, updates_per_epoch=UPE, log_interval=None):
     """Drive ``scheduler`` as train.py does with per-update ``losses`` (``losses[i]`` is update i + 1's):
-    ``step_update(n, metric=<running epoch mean>)`` for updates ``start + 1 .. stop``, and ``step(epoch)``
-    after each epoch's last update when ``epoch_end``."""
+    ``step_update(n, metric=losses_m.avg)`` for updates ``start + 1 .. stop``, and ``step(epoch)`` after
+    each epoch's last update. ``losses_m`` is timm's AverageMeter over the epoch (batch size 16); with
+    ``log_interval`` it takes a loss only every that many updates and at the epoch's last, as train.py
+    did under DDP before timm 1.0.12. A run resumed mid-epoch rebuilds the meter from ``losses``."""
     stop = len(losses) if stop is None else stop
-    for n in range(start + 1, stop + 1):
-        k = (n - 1) % UPE + 1
-        scheduler.step_update(n, metric=sum(losses[n - k:n]) / k)
-        if epoch_end and n % UPE == 0:
-            scheduler.step(n // UPE)
+    meter = AverageMeter()
+    for n in range(start - (start % updates_per_epoch) + 1, stop + 1):
+        index = (n - 1) % updates_per_epoch
+        if index == 0:
+            meter = AverageMeter()
+        if log_interval is None or index % log_interval == 0 or index == updates_per_epoch - 1:
+            meter.update(losses[n - 1], 16)
+        if n <= start:
+            continue
+        scheduler.step_update(n, metric=meter.avg)
+        if index == updates_per_epoch - 1:
+            scheduler.step(n // updates_per_epoch)
 
 
 def detector_settings(**overrides):

@@ -28,7 +28,8 @@ from typing import Any, Dict, Optional
 import torch
 
 from .detector import SETTINGS, check_int
-from .timm_scheduler import FROM_RUN, PREFIX, STATE_FILE, AutoDecayScheduler, is_primary
+from .timm_scheduler import FROM_RUN, PREFIX, AutoDecayScheduler, is_primary
+from .timm_state import STATE_FILE
 
 __all__ = ["RUN_KEYS", "YAML_KEYS", "autodecay_kwargs_from_cfg", "create_autodecay_scheduler", "register",
            "train_py_checkpoint_dir"]
@@ -42,6 +43,8 @@ ORIGINAL = "__timm_autodecay_original__"  # attribute of our wrappers: the funct
 YAML_KEYS: Dict[str, tuple] = {PREFIX + name: spec for name, spec in SETTINGS.items() if name not in FROM_RUN}
 YAML_KEYS[PREFIX + "end_training"] = (
     bool, True, "end training at the epoch boundary after the last stage's plateau")
+YAML_KEYS[PREFIX + "state_file"] = (
+    str, None, "autodecay_state.json to resume from (default: the one next to the --resume checkpoint)")
 # Keys that ``scheduler_kwargs`` fills in from train.py's arguments, and ``create_scheduler_v2``
 # keyword arguments for Python users; not YAML keys.
 RUN_KEYS = {
@@ -197,6 +200,7 @@ def create_autodecay_scheduler(original: Any, optimizer: torch.optim.Optimizer, 
     unit = 1 if a["step_on_epochs"] else upe
     settings = {k[len(PREFIX):]: v for k, v in ours.items() if k in YAML_KEYS}
     end_training = settings.pop("end_training", True)
+    state_file = settings.pop("state_file", None)
     state_dir = ours.get(PREFIX + "state_dir") or train_py_checkpoint_dir()
     scheduler = AutoDecayScheduler(
         optimizer,
@@ -212,6 +216,7 @@ def create_autodecay_scheduler(original: Any, optimizer: torch.optim.Optimizer, 
         end_interval=ours.get(PREFIX + "end_interval") or 1,
         state_dir=state_dir,
         resume_from=ours.get(PREFIX + "resume"),
+        state_file=state_file,
         **settings,
     )
     if is_primary():

@@ -10,45 +10,44 @@ unless ``--sched-on-updates``), timm's warmup (``warmup_t``, ``warmup_lr_init``,
 How it reads timm's ``train.py``
 --------------------------------
 * The signal: ``train.py`` passes ``losses_m.avg``, this rank's running mean of the training loss over
-  the current epoch. With ``k`` updates into the epoch, the update's own loss is
-  ``k * avg_k - (k - 1) * avg_(k-1)``. Those are summed on the device by
-  :class:`~timm_autodecay.torch_scheduler.LossAccumulator` and read back, averaged over all ranks,
-  only when the detector wants a value and at each epoch's last update; so every rank observes the
-  same values at the same updates and takes the same decisions.
+  the current epoch; :mod:`~timm_autodecay.timm_loop` turns it back into per-update losses (and says
+  which updates carry none: the rest of an epoch after a NaN batch). They are summed on the host and
+  averaged over all ranks only when the detector wants a value and at each epoch's last update, so
+  every rank observes the same values at the same updates and takes the same decisions. Updates that
+  carry no loss on any rank advance the detector's clock without a value.
 * Decisions: with ``--sched-on-updates`` a decay applies from the next update; otherwise (timm's
-  default, ``t_in_epochs``) at the next epoch boundary, like timm's step schedule.
-* The end: once the last stage has ended, the next epoch boundary at which ``train.py`` checkpoints
-  (every ``--val-interval`` epochs) arms a stop: the first ``optimizer.zero_grad()`` (or
-  ``optimizer.step()``) after it raises :class:`AutoDecayFinished`, a ``KeyboardInterrupt``.
-  ``train.py`` calls ``zero_grad()`` at the top of ``train_one_epoch``, before it loads a batch, and
-  catches ``KeyboardInterrupt`` around its epoch loop: the run ends there with exit code 0, after the
-  epoch's summary row, checkpoint and result entry, without training another batch.
-* Resume: at each epoch's last update the scheduler's state is written, atomically, to
-  ``autodecay_state.json`` in the folder of ``train.py``'s checkpoints (one entry per completed epoch).
-  ``--resume CHECKPOINT`` makes ``train.py`` call ``step(start_epoch)`` (or
-  ``step_update(start_epoch * updates_per_epoch)``); the scheduler then loads the entry for that epoch
-  from the file next to ``CHECKPOINT``: same stage, LR and detector state as the unbroken run.
+  default, ``t_in_epochs``) at the next epoch boundary, like timm's step schedule. With the cooldown
+  shape the LR follows the detector's cooldown curve at every update, from the update that began it.
+* The end: once the last stage (and its cooldown) has ended, the next epoch boundary at which
+  ``train.py`` checkpoints (every ``--val-interval`` epochs) arms a stop: the first
+  ``optimizer.zero_grad()`` after it raises :class:`AutoDecayFinished`, a ``KeyboardInterrupt``, which
+  ends ``train.py`` with exit code 0, after the epoch's summary row, checkpoint and result entry,
+  without training another batch.
+* Resume: at each epoch's last update the scheduler's state is added to ``autodecay_state.json`` in
+  the folder of ``train.py``'s checkpoints (:mod:`~timm_autodecay.timm_state`), tied to the checkpoint
+  written next. ``--resume CHECKPOINT`` makes ``train.py`` call ``step(start_epoch)`` (or
+  ``step_update(start_epoch * updates_per_epoch)``); the scheduler then loads that checkpoint's entry:
+  same stage, LR and detector state as the unbroken run. The whole entry is checked before any of it
+  is applied.
 """
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
 from typing import Any, Dict, List, Optional
 
 import torch
-import torch.distributed as dist
 from timm.scheduler.scheduler import Scheduler
 
-from .detector import SETTINGS, Decision, FollowsDetector, StageDetector, check_int
-from .torch_scheduler import LossAccumulator, check_decay_rate
+from .detector import SETTINGS, Decision, FollowsDetector, StageDetector, StateError, check_int
+from .timm_loop import LOSS, NONFINITE, AutoDecayFinished, RankLosses, RunningMeanDecoder, arm_stop, distributed
+from .timm_state import ENTRY_TAG, ENTRY_VERSION, STATE_FILE, StateFile, check_entry, find_entry, migrate_entry
 
 __all__ = ["AutoDecayFinished", "AutoDecayScheduler", "STATE_FILE"]
 
 _logger = logging.getLogger("timm_autodecay")
 
-STATE_FILE = "autodecay_state.json"
 PREFIX = "autodecay_"
 # Detector settings that the run's shape fixes: they come from timm's own arguments.
 FROM_RUN = {
@@ -56,24 +55,18 @@ FROM_RUN = {
     "updates_per_epoch": "train.py's batches per epoch (updates_per_epoch)",
     "warmup_updates": "--warmup-epochs (warmup_epochs)",
 }
-
-
-def _json_number(value: float) -> Optional[float]:
-    """JSON has no NaN: a non-finite running mean (a NaN batch) is stored as null."""
-    return value if math.isfinite(value) else None
-
-
-def _from_json_number(value: Optional[float]) -> float:
-    return float("nan") if value is None else value
-
-
-class AutoDecayFinished(KeyboardInterrupt):
-    """Raised by the optimizer's next ``zero_grad()``/``step()`` after the epoch boundary at which the
-    last learning stage had ended: timm's ``train.py`` treats it like Ctrl-C and ends gracefully."""
+# The scheduler's own settings that a resumed run must share with its checkpoint, and what sets them.
+RUN_FLAGS = {
+    "updates_per_epoch": "train.py's updates per epoch (the dataset, --batch-size, --grad-accum-steps)",
+    "t_in_epochs": "--sched-on-updates", "decay_rate": "--decay-rate", "lr_min": "--min-lr",
+    "warmup_t": "--warmup-epochs", "warmup_lr_init": "--warmup-lr",
+}
 
 
 def is_primary() -> bool:
-    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+    import torch.distributed as dist
+
+    return not distributed() or dist.get_rank() == 0
 
 
 def _check_lr(name: str, value: Any) -> float:
@@ -82,8 +75,14 @@ def _check_lr(name: str, value: Any) -> float:
     return float(value)
 
 
+def _check_decay_rate(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1:
+        raise ValueError(f"AutoDecay: decay_rate must be in (0, 1), got {value!r} (--decay-rate)")
+    return float(value)
+
+
 class AutoDecayScheduler(FollowsDetector, Scheduler):
-    """Step decay at the end of each learning stage, as a timm scheduler.
+    """Step decay (or a cooldown) at the end of each learning stage, as a timm scheduler.
 
     Args:
         optimizer: the optimizer; every param group's ``lr`` (times its ``lr_scale``) is scheduled.
@@ -91,7 +90,7 @@ class AutoDecayScheduler(FollowsDetector, Scheduler):
         decay_rate: LR factor at the end of each stage (timm's ``--decay-rate``).
         t_initial: the budget (timm's ``--epochs``), in epochs, or in updates when
             ``t_in_epochs=False``; no stage outlasts its share of it. ``None``: no budget.
-        lr_min: floor of the decayed LR (timm's ``--min-lr``).
+        lr_min: floor of the decayed LR, and the cooldown's end (timm's ``--min-lr``).
         warmup_t, warmup_lr_init, warmup_prefix: timm's warmup (``--warmup-epochs``,
             ``--warmup-lr``, ``--warmup-prefix``), in the same unit as ``t_initial``; the detector
             ignores the warmup updates.
@@ -105,8 +104,9 @@ class AutoDecayScheduler(FollowsDetector, Scheduler):
         state_dir: folder where ``autodecay_state.json`` is written at every epoch's end (rank 0).
         resume_from: a checkpoint path or folder whose ``autodecay_state.json`` is read when training
             starts past epoch 0 (``train.py --resume``).
+        state_file: the ``autodecay_state.json`` to resume from instead of the one next to ``resume_from``.
         **detector_settings: :data:`timm_autodecay.detector.SETTINGS` other than the run's shape
-            (``num_stages``, ``window``, ``patience``, ``significance``, ...).
+            (``num_stages``, ``window``, ``decay_shape``, ``cooldown_fraction``, ...).
     """
 
     def __init__(
@@ -125,14 +125,12 @@ class AutoDecayScheduler(FollowsDetector, Scheduler):
         end_interval: int = 1,
         state_dir: Optional[str] = None,
         resume_from: Optional[str] = None,
+        state_file: Optional[str] = None,
         initialize: bool = True,
         **detector_settings: Any,
     ) -> None:
         self.updates_per_epoch = check_int("updates_per_epoch", updates_per_epoch, 1)
-        try:
-            self.decay_rate = check_decay_rate(decay_rate)
-        except ValueError as error:
-            raise ValueError(f"AutoDecay: {error} (--decay-rate)") from None
+        self.decay_rate = _check_decay_rate(decay_rate)
         self.lr_min = _check_lr("lr_min (--min-lr)", lr_min)
         self.warmup_t = check_int("warmup_t (--warmup-epochs)", warmup_t, 0)
         self.warmup_lr_init = _check_lr("warmup_lr_init (--warmup-lr)", warmup_lr_init)
@@ -145,13 +143,26 @@ class AutoDecayScheduler(FollowsDetector, Scheduler):
             raise ValueError(f"AutoDecay: end_training must be true or false, got {end_training!r}")
         self.end_training = end_training
         self.end_interval = check_int("end_interval (--val-interval)", end_interval, 1)
-        self.state_dir = state_dir
-        self.resume_from = resume_from
+        self.state_dir, self.resume_from, self.state_file = state_dir, resume_from, state_file
+        self.detector = self._make_detector(t_in_epochs, detector_settings)
 
-        for name in detector_settings:
+        super().__init__(optimizer, param_group_field="lr", t_in_epochs=t_in_epochs, initialize=initialize)
+        self._set_warmup_steps()
+        self.num_updates = 0  # updates this scheduler has been told of
+        self.decoder = RunningMeanDecoder(self.updates_per_epoch)
+        self.losses = RankLosses()
+        self.last_decision: Optional[Decision] = None
+        self._file: Optional[StateFile] = None
+        self._stop_armed = False
+        self._device = next(
+            (p.device for group in optimizer.param_groups for p in group["params"]), torch.device("cpu"))
+        self.update_groups(self._get_lr(0))
+
+    def _make_detector(self, t_in_epochs: bool, settings: Dict[str, Any]) -> StageDetector:
+        for name in settings:
             if name in FROM_RUN:
                 raise ValueError(f"AutoDecay: {name} is set from the run, by {FROM_RUN[name]}")
-        unknown = sorted(set(detector_settings) - set(SETTINGS))
+        unknown = sorted(set(settings) - set(SETTINGS))
         if unknown:
             known = sorted(set(SETTINGS) - set(FROM_RUN))
             raise ValueError(f"AutoDecay: unknown detector setting(s) {unknown}; known: {known}")
@@ -164,32 +175,12 @@ class AutoDecayScheduler(FollowsDetector, Scheduler):
         if self.t_initial is not None:
             total = (self.t_initial + (self.warmup_t if self.warmup_prefix else 0)) * unit
         try:
-            self.detector = StageDetector(
-                total_updates=total,
-                updates_per_epoch=self.updates_per_epoch,
-                warmup_updates=self.warmup_t * unit,
-                **detector_settings,
-            )
+            return StageDetector(total_updates=total, updates_per_epoch=self.updates_per_epoch,
+                                 warmup_updates=self.warmup_t * unit, **settings)
         except (TypeError, ValueError) as error:
             name = str(error).split(" ", 1)[0]
             key = f" (config key {PREFIX}{name})" if name in SETTINGS and name not in FROM_RUN else ""
             raise ValueError(f"AutoDecay: bad setting{key}: {error}") from None
-
-        super().__init__(optimizer, param_group_field="lr", t_in_epochs=t_in_epochs, initialize=initialize)
-        self._set_warmup_steps()
-        self.update_groups(self._get_lr(0))
-
-        self.accumulator = LossAccumulator()
-        self.num_updates = 0  # updates whose loss this scheduler has consumed
-        self._running_mean = 0.0  # the epoch mean train.py passed at the previous update
-        self._samples = 0  # losses that mean holds so far this epoch
-        self._last_sample = 0.0  # the latest of them
-        self.last_decision: Optional[Decision] = None
-        self._saved: Optional[Dict[str, Any]] = None  # autodecay_state.json's entries, once read
-        self._stop_armed = False
-        self._stop_handle = None
-        self._device = next(
-            (p.device for group in optimizer.param_groups for p in group["params"]), torch.device("cpu"))
 
     # -- the schedule ------------------------------------------------------------------------
     def _set_warmup_steps(self) -> None:
@@ -204,9 +195,13 @@ class AutoDecayScheduler(FollowsDetector, Scheduler):
         return sum(values) / len(values)
 
     def _get_lr(self, t: int) -> List[float]:
-        """LRs (before ``lr_scale``) at time ``t`` (epochs, or updates if not ``t_in_epochs``)."""
+        """LRs (before ``lr_scale``) at time ``t`` (epochs, or updates if not ``t_in_epochs``); during a
+        cooldown, after the latest update, whatever the unit."""
         if t < self.warmup_t:
             return [self.warmup_lr_init + t * s for s in self.warmup_steps]
+        if self.detector.in_cooldown:
+            return [max(self.detector.lr_at(self.num_updates, v, self.decay_rate, min(self.lr_min, v)),
+                        min(self.lr_min, v)) for v in self.base_values]
         factor = self.decay_rate ** self.detector.stage
         return [max(v * factor, min(self.lr_min, v)) for v in self.base_values]
 
@@ -227,18 +222,18 @@ class AutoDecayScheduler(FollowsDetector, Scheduler):
                 f"AutoDecay: step_update(num_updates={n}) after update {self.num_updates}: call it once "
                 f"after every optimizer update, with num_updates={self.num_updates + 1}")
         self.metric = metric
-        value = self._update_loss(n, float(metric))
         self.num_updates = n
         epoch_end = n % self.updates_per_epoch == 0
         if not self.detector.finished:
-            dtype = torch.float64 if self._device.type == "cpu" else torch.float32
-            self.accumulator.add(torch.full((), value, dtype=dtype, device=self._device))
-            if epoch_end or self.accumulator.updates >= self.detector.next_observation_in:
+            self._record(n, float(metric))
+            if epoch_end or n - self.detector.update >= self.detector.next_observation_in:
                 self._observe()
         if epoch_end:
             self._save_state(n // self.updates_per_epoch)
         if not self.t_in_epochs:
             self.update_groups(self._get_lr(n))
+        elif self.detector.in_cooldown:
+            self.update_groups(self._get_lr(n // self.updates_per_epoch))
 
     def step(self, epoch: int, metric: Optional[float] = None) -> None:
         """At the end of an epoch, with the number of completed epochs (train.py: ``epoch + 1``).
@@ -252,8 +247,10 @@ class AutoDecayScheduler(FollowsDetector, Scheduler):
             elif n - self.updates_per_epoch < self.num_updates < n:
                 # a short epoch (a loader that gave fewer batches than updates_per_epoch): train.py
                 # starts the next one at update n + 1, so the epoch ends here
-                if self.accumulator.updates and not self.detector.finished:
+                if self.num_updates > self.detector.update and not self.detector.finished:
                     self._observe()
+                if not self.detector.finished:
+                    self._skip(n - self.num_updates)
                 self.num_updates = n
                 self._save_state(t)
             else:
@@ -266,46 +263,77 @@ class AutoDecayScheduler(FollowsDetector, Scheduler):
         if self.detector.finished and t % self.end_interval == 0:
             self._arm_stop(t)
 
-    def _update_loss(self, n: int, metric: float) -> float:
-        """The latest single-update loss train.py's running epoch mean ``losses_m.avg`` reveals.
-
-        In one process train.py adds every update's loss to the mean, so each update gives its own
-        loss back. In a distributed run it adds the loss (already averaged over ranks) only every
-        ``--log-interval`` updates: the mean then changes only there, and each update in between
-        stands for the latest logged loss."""
+    # -- the signal --------------------------------------------------------------------------
+    def _record(self, n: int, metric: float) -> None:
         if self.metric_mode == "update":
-            return metric
-        if (n - 1) % self.updates_per_epoch == 0:  # first update of an epoch: the mean starts over
-            self._samples, self._running_mean = 0, 0.0
-        if self._samples == 0 or metric != self._running_mean:
-            self._samples += 1
-            self._last_sample = self._samples * metric - (self._samples - 1) * self._running_mean
-            self._running_mean = metric
-        return self._last_sample
+            kind, loss = (LOSS if math.isfinite(metric) else NONFINITE), metric
+        else:
+            kind, loss = self.decoder.decode(n, metric)
+            if kind == NONFINITE and n % self.updates_per_epoch:
+                epoch = (n - 1) // self.updates_per_epoch
+                _logger.warning(
+                    f"AutoDecay: train.py's running training loss turned non-finite at update {n} (epoch {epoch}): "
+                    f"the rest of epoch {epoch} carries no loss and is skipped; if the losses are still "
+                    "non-finite in the next epoch, the run has diverged and AutoDecay stops it")
+        self.losses.add(kind, loss)
 
     def _fresh(self) -> bool:
-        return self.num_updates == 0 and self.detector.update == 0 and self.accumulator.updates == 0
+        return self.num_updates == 0 and self.detector.update == 0
 
     def _observe(self) -> None:
-        count = self.accumulator.updates
-        mean, nonfinite = self.accumulator.read()  # over all ranks
-        decision = self.detector.observe(mean, count, nonfinite)
+        count = self.num_updates - self.detector.update
+        mean, finite, nonfinite, diverged = self.losses.read(self._device)  # over all ranks
+        epoch = (self.num_updates - 1) // self.updates_per_epoch
+        advice = ("Resume from a checkpoint before the losses turned non-finite, e.g. with a lower --lr or with "
+                  "--clip-grad")
+        if diverged:
+            raise FloatingPointError(
+                f"AutoDecay: the training loss is non-finite again in epoch {epoch} (update {self.num_updates}), "
+                f"with no finite loss since the non-finite batch before it: the run has diverged. {advice}")
+        if not finite and not nonfinite:  # no rank has a loss for these updates
+            self._skip(count)
+            return
+        try:
+            decision = self.detector.observe(mean, count, nonfinite)
+        except FloatingPointError as error:
+            raise FloatingPointError(f"{error} (at update {self.num_updates}, epoch {epoch}). {advice}") from None
         self.last_decision = decision
         if decision.changed and is_primary():
-            epoch = decision.update / self.updates_per_epoch
-            if decision.action == "decay":
-                when = "from the next update" if not self.t_in_epochs else "from the next epoch"
-                _logger.info(
-                    f"AutoDecay: stage {decision.stage - 1} ended at update {decision.update} "
-                    f"(epoch {epoch:.2f}, {decision.reason}); LR {self._stage_lr(decision.stage - 1):.4g} -> "
-                    f"{self._stage_lr(decision.stage):.4g} {when}")
-            else:
-                _logger.info(
-                    f"AutoDecay: the last stage ({decision.stage}) ended at update {decision.update} "
-                    f"(epoch {epoch:.2f}, {decision.reason})"
-                    + (("; training ends at the end of this epoch" if self.end_interval == 1 else
-                        f"; training ends at the next epoch boundary that is a multiple of {self.end_interval}")
-                       if self.end_training else ""))
+            self._log_decision(decision)
+
+    def _skip(self, count: int) -> None:
+        """Advance the detector's clock by ``count`` updates that carry no loss (it has no call for
+        that: its state holds the clock)."""
+        if count <= 0:
+            return
+        state = self.detector.state_dict()
+        state["update"] += count
+        self.detector.load_state_dict(state)
+
+    def _log_decision(self, decision: Decision) -> None:
+        epoch = decision.update / self.updates_per_epoch
+        when = "from the next update" if not self.t_in_epochs else "from the next epoch"
+        if decision.action == "decay":
+            _logger.info(
+                f"AutoDecay: stage {decision.stage - 1} ended at update {decision.update} (epoch {epoch:.2f}, "
+                f"{decision.reason}); LR {self._stage_lr(decision.stage - 1):.4g} -> "
+                f"{self._stage_lr(decision.stage):.4g} {when}")
+            return
+        if decision.action == "cooldown":
+            end = self.detector.cooldown_start + self.detector.cooldown_updates
+            _logger.info(
+                f"AutoDecay: the last stage ({decision.stage}) ended at update {decision.update} (epoch "
+                f"{epoch:.2f}, {decision.reason}); cooldown ({self.detector.cooldown_curve}) from LR "
+                f"{self._stage_lr(decision.stage):.4g} to {self.lr_min:g} at every update until update {end} "
+                f"(epoch {end / self.updates_per_epoch:.2f})")
+            return
+        what = "the cooldown" if decision.reason == "cooldown" else f"the last stage ({decision.stage})"
+        ending = ""
+        if self.end_training:
+            ending = ("; training ends at the end of this epoch" if self.end_interval == 1 else
+                      f"; training ends at the next epoch boundary that is a multiple of {self.end_interval}")
+        _logger.info(f"AutoDecay: {what} ended at update {decision.update} (epoch {epoch:.2f}, "
+                     f"{decision.reason}){ending}")
 
     # -- the end -----------------------------------------------------------------------------
     def _arm_stop(self, t: int) -> None:
@@ -317,33 +345,13 @@ class AutoDecayScheduler(FollowsDetector, Scheduler):
             f"AutoDecay: training ends after epoch {t - 1} ({t} epochs, {self.num_updates} updates): the last "
             f"learning stage ended at update {last.get('update')} ({last.get('reason')}); "
             f"no further batch is trained")
-        optimizer = self.optimizer
-        had_own = "zero_grad" in optimizer.__dict__
-        own = optimizer.__dict__.get("zero_grad")
-
-        def disarm() -> None:
-            if had_own:
-                optimizer.zero_grad = own
-            else:
-                optimizer.__dict__.pop("zero_grad", None)
-            if self._stop_handle is not None:
-                self._stop_handle.remove()
-                self._stop_handle = None
-
-        def stop(*_args: Any, **_kwargs: Any) -> None:
-            disarm()
-            if is_primary():
-                _logger.info(message)
-            raise AutoDecayFinished(message)
-
-        optimizer.zero_grad = stop
-        self._stop_handle = optimizer.register_step_pre_hook(stop)
+        arm_stop(self.optimizer, message, lambda: _logger.info(message) if is_primary() else None)
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
-        """JSON-able: the detector, the LR bookkeeping and any losses not yet observed."""
+        """JSON-able: the detector, the LR bookkeeping, the decoder and any losses not yet observed."""
         return {
-            "format": 1,
+            "version": ENTRY_VERSION,
             "num_updates": self.num_updates,
             "updates_per_epoch": self.updates_per_epoch,
             "t_in_epochs": self.t_in_epochs,
@@ -352,36 +360,46 @@ class AutoDecayScheduler(FollowsDetector, Scheduler):
             "warmup_t": self.warmup_t,
             "warmup_lr_init": self.warmup_lr_init,
             "base_values": list(self.base_values),
-            "running_mean": _json_number(self._running_mean),
-            "samples": self._samples,
-            "last_sample": _json_number(self._last_sample),
-            "pending_losses": self.accumulator.state_dict(),
+            **self.decoder.state_dict(),
+            "pending_losses": self.losses.state_dict(),
             "detector": self.detector.state_dict(),
         }
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        for key in ("updates_per_epoch", "t_in_epochs", "decay_rate", "lr_min", "warmup_t", "warmup_lr_init"):
-            if state_dict[key] != getattr(self, key):
-                raise ValueError(
-                    f"AutoDecay: {key} is {getattr(self, key)!r} but the saved state has {state_dict[key]!r}; "
-                    "resume with the run's own settings")
+        """Restore a state of this release or of 0.1.0. Everything is checked first; a StateError (a
+        ValueError) names the bad key or the flag that differs, and then nothing has changed."""
+        state = migrate_entry(state_dict)
+        check_entry(state, len(self.optimizer.param_groups))
+        self._check_same_run(state)
         try:
-            self.detector.load_state_dict(state_dict["detector"])
-        except ValueError as error:
-            raise ValueError(str(error) if str(error).startswith("AutoDecay") else f"AutoDecay: {error}") from None
-        if len(state_dict["base_values"]) != len(self.base_values):
-            raise ValueError(
-                f"AutoDecay: the optimizer has {len(self.base_values)} param groups but the saved state "
-                f"{len(state_dict['base_values'])}")
-        self.num_updates = state_dict["num_updates"]
-        self._running_mean = _from_json_number(state_dict["running_mean"])
-        self._samples = state_dict["samples"]
-        self._last_sample = _from_json_number(state_dict["last_sample"])
-        self.accumulator.load_state_dict(state_dict["pending_losses"])
-        self.base_values = list(state_dict["base_values"])
+            self.detector.load_state_dict(state["detector"])
+        except StateError as error:
+            hint = "; timm config keys: autodecay_<setting>" if "'settings' differ" in str(error) else ""
+            raise StateError(f"{error} (in the saved state's 'detector'{hint})") from None
+        self.num_updates = state["num_updates"]
+        self.decoder.load_state_dict(state)
+        self.losses.load_state_dict(state["pending_losses"])
+        self.base_values = [float(v) for v in state["base_values"]]
         self._set_warmup_steps()
         t = self.num_updates // self.updates_per_epoch if self.t_in_epochs else self.num_updates
         self.update_groups(self._get_lr(t))
+
+    def _check_same_run(self, state: Dict[str, Any]) -> None:
+        for key, flag in RUN_FLAGS.items():
+            if state[key] != getattr(self, key):
+                raise StateError(
+                    f"AutoDecay: {key} is {getattr(self, key)!r} in this run but {state[key]!r} in the saved state "
+                    f"({flag}); resume with the run's own settings")
+        saved = state["detector"].get("settings")
+        saved = saved if isinstance(saved, dict) else {}
+        upe = self.updates_per_epoch
+        for key, flag in (("total_updates", "--epochs"), ("warmup_updates", "--warmup-epochs")):
+            then, now = saved.get(key, getattr(self.detector, key)), getattr(self.detector, key)
+            if then != now:
+                describe = (lambda v: "none" if v is None else f"{v} updates, {v / upe:g} epochs")  # noqa: E731
+                raise StateError(
+                    f"AutoDecay: the saved state's run had {key}={describe(then)}, this one {describe(now)}: "
+                    f"resume with the checkpoint's {flag}" + (" (and --warmup-prefix)" if self.warmup_prefix else ""))
 
     def _resume(self, n: int) -> None:
         if n % self.updates_per_epoch:
@@ -389,26 +407,28 @@ class AutoDecayScheduler(FollowsDetector, Scheduler):
                 f"AutoDecay: cannot start at update {n}, inside epoch {n // self.updates_per_epoch}: "
                 "it resumes at epoch boundaries only")
         t = n // self.updates_per_epoch
-        if not self.resume_from:
+        if not self.resume_from and not self.state_file:
             raise ValueError(
                 f"AutoDecay: training starts at epoch {t} but no saved AutoDecay state was given: resume "
                 f"from a checkpoint of an autodecay run (train.py --resume CHECKPOINT; {STATE_FILE} must "
                 "be next to it), or call load_state_dict() before the first step")
-        folder = self.resume_from if os.path.isdir(self.resume_from) else os.path.dirname(self.resume_from)
-        path = os.path.join(folder or ".", STATE_FILE)
-        try:
-            with open(path) as f:
-                saved = json.load(f)
-        except FileNotFoundError:
+        path = self.state_file
+        if not path:
+            folder = self.resume_from if os.path.isdir(self.resume_from) else os.path.dirname(self.resume_from)
+            path = os.path.join(folder or ".", STATE_FILE)
+        if not os.path.exists(path):
             raise ValueError(
                 f"AutoDecay: cannot resume at epoch {t}: {path} does not exist; the stage, LR and detector "
-                f"state of an autodecay run are saved there, next to its checkpoints") from None
-        states = saved.get("epochs", {})
-        if str(t) not in states:
-            raise ValueError(
-                f"AutoDecay: {path} holds no state for epoch {t} (it has epochs "
-                f"{sorted(int(e) for e in states)}); resume from a checkpoint whose epoch it holds")
-        self.load_state_dict(states[str(t)])
+                f"state of an autodecay run are saved there, next to its checkpoints (the config key "
+                f"autodecay_state_file names another)")
+        entry = find_entry(path, t, self.optimizer.param_groups[0].get(ENTRY_TAG))
+        if entry["state"].get("num_updates") != n:
+            raise StateError(f"AutoDecay: {path}, entry for epoch {t}: 'num_updates' must be {n}, "
+                             f"got {entry['state'].get('num_updates')!r}")
+        try:
+            self.load_state_dict(entry["state"])
+        except StateError as error:
+            raise StateError(f"{error} (in {path}, the entry for epoch {t})") from None
         if is_primary():
             _logger.info(
                 f"AutoDecay: resumed at epoch {t} (update {n}) from {path}: stage {self.stage}, "
@@ -419,21 +439,6 @@ class AutoDecayScheduler(FollowsDetector, Scheduler):
     def _save_state(self, t: int) -> None:
         if not self.state_dir or not is_primary():
             return
-        path = os.path.join(self.state_dir, STATE_FILE)
-        if self._saved is None:
-            self._saved = {}
-            try:
-                with open(path) as f:
-                    self._saved = json.load(f).get("epochs", {})
-            except (FileNotFoundError, ValueError):
-                pass
-        # one entry per completed epoch; entries past t belong to a run this one has replaced
-        self._saved = {e: s for e, s in self._saved.items() if int(e) < t}
-        self._saved[str(t)] = self.state_dict()
-        os.makedirs(self.state_dir, exist_ok=True)
-        tmp = f"{path}.tmp{os.getpid()}"
-        with open(tmp, "w") as f:
-            json.dump({"format": "timm-autodecay-state", "version": 1, "epochs": self._saved}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if self._file is None:
+            self._file = StateFile(self.state_dir)
+        self.optimizer.param_groups[0][ENTRY_TAG] = self._file.add(t, self.state_dict())

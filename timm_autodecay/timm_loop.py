@@ -1,0 +1,177 @@
+"""Where the scheduler meets timm's ``train.py`` loop: the loss it passes, and the stop.
+
+``train.py`` passes ``losses_m.avg`` to ``step_update``: this rank's running mean of the training loss
+over the epoch so far. :class:`RunningMeanDecoder` turns it back into per-update losses;
+:class:`RankLosses` sums them on the host and averages them over all ranks when the detector wants a
+value. Both keep their state JSON-able, for ``autodecay_state.json``. :func:`arm_stop` ends the
+loop gracefully once the run is over.
+
+How train.py fills the mean (timm's ``train_one_epoch``)
+------------------------------------------------------
+* Every update adds its loss (the mean of its micro-batches, weighted by batch size) to the mean: in
+  one process always, and on every rank since timm 1.0.12. With ``k`` updates into the epoch, the
+  update's own loss is ``k * avg_k - (k - 1) * avg_(k-1)``, whatever its value (a loss equal to the
+  mean so far leaves the mean unchanged and is still a loss).
+* Under DDP, timm releases before 1.0.12 add the loss (already averaged over ranks) only every
+  ``--log-interval`` updates and at the epoch's last batch: the mean changes only there, and each update
+  in between stands for the latest logged loss. Under ``torch.distributed`` the decoder starts in this
+  mode and switches to the first as soon as the mean changes at two consecutive updates before the
+  epoch's last (a logged mean never does, unless it is logged at every update, which is the first mode).
+* One non-finite loss makes the mean non-finite for the rest of the epoch. That update's loss is
+  non-finite (counted as such); the later updates of the epoch carry no information at all: they are
+  *missing*, neither losses nor non-finite ones. The next epoch's mean starts over. If its first
+  loss is non-finite again, with no finite loss since, the weights themselves are non-finite: the run
+  has *diverged*.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+
+LOSS, NONFINITE, MISSING, DIVERGED = "loss", "nonfinite", "missing", "diverged"
+
+
+def distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def json_number(value: float) -> Optional[float]:
+    """JSON has no NaN: a non-finite mean is stored as null."""
+    return value if math.isfinite(value) else None
+
+
+def from_json_number(value: Optional[float]) -> float:
+    return float("nan") if value is None else float(value)
+
+
+class RunningMeanDecoder:
+    """Per-update losses from train.py's running epoch mean (see the module docstring)."""
+
+    def __init__(self, updates_per_epoch: int, every_update: Optional[bool] = None) -> None:
+        self.updates_per_epoch = updates_per_epoch
+        # True: every update adds its loss to the mean; None: not known yet (DDP), held means are no loss
+        self.every_update = (True if not distributed() else None) if every_update is None else every_update
+        self.running_mean = 0.0  # the mean train.py passed at the previous update
+        self.samples = 0  # losses that mean holds
+        self.last_sample = 0.0  # the latest of them
+        self.awaiting_finite = False  # a non-finite loss was the latest loss this rank saw
+        self._changed_at = -1  # the latest update at which the mean changed (not saved: detection only)
+
+    def decode(self, update: int, mean: float) -> Tuple[str, float]:
+        """``(kind, loss)`` for update ``update`` (counted from the start of training), given the mean
+        train.py passed after it; ``kind`` is ``LOSS``, ``NONFINITE``, ``MISSING`` or ``DIVERGED`` (a
+        non-finite loss with no finite one since the previous non-finite loss)."""
+        index = (update - 1) % self.updates_per_epoch  # 0 at the first update of an epoch
+        if index == 0:
+            self.samples, self.running_mean = 0, 0.0
+        if self.samples and not math.isfinite(self.running_mean):
+            return MISSING, float("nan")
+        changed = self.samples == 0 or mean != self.running_mean
+        if changed and self._changed_at == update - 1 and index < self.updates_per_epoch - 1 and index > 0:
+            self.every_update = True
+        if changed:
+            self._changed_at = update
+        if changed or self.every_update:
+            self.samples += 1
+            self.last_sample = self.samples * mean - (self.samples - 1) * self.running_mean
+            self.running_mean = mean
+            if not math.isfinite(mean):
+                self.last_sample = mean
+                kind = DIVERGED if self.awaiting_finite else NONFINITE
+                self.awaiting_finite = True
+                return kind, mean
+        self.awaiting_finite = False
+        return LOSS, self.last_sample
+
+    def state_dict(self) -> Dict[str, Any]:
+        return {"running_mean": json_number(self.running_mean), "samples": self.samples,
+                "last_sample": json_number(self.last_sample), "every_update": self.every_update,
+                "awaiting_finite": self.awaiting_finite}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """``state`` has been validated by the caller."""
+        self.running_mean = from_json_number(state["running_mean"])
+        self.samples = state["samples"]
+        self.last_sample = from_json_number(state["last_sample"])
+        saved = state.get("every_update")
+        self.every_update = True if not distributed() else saved
+        self.awaiting_finite = state["awaiting_finite"]
+        self._changed_at = -1
+
+
+class RankLosses:
+    """Sums this rank's per-update losses on the host (train.py hands over Python floats); ``read``
+    averages them over all ranks, one collective, at the updates where every rank calls it.
+
+    Non-finite losses are counted, not summed; missing updates add nothing."""
+
+    def __init__(self) -> None:
+        self.total = 0.0
+        self.finite = 0
+        self.nonfinite = 0
+        self.diverged = 0
+
+    def add(self, kind: str, loss: float) -> None:
+        if kind == LOSS:
+            self.total += loss
+            self.finite += 1
+        elif kind in (NONFINITE, DIVERGED):
+            self.nonfinite += 1
+            self.diverged += kind == DIVERGED
+
+    def read(self, device: torch.device) -> Tuple[float, int, int, int]:
+        """Mean finite loss over all ranks since the last read (NaN if none), and the numbers of
+        finite, non-finite and diverged losses (all ranks together). Starts over."""
+        totals = (self.total, float(self.finite), float(self.nonfinite), float(self.diverged))
+        if distributed():
+            tensor = torch.tensor(totals, dtype=torch.float64, device=device)
+            dist.all_reduce(tensor)
+            totals = tuple(tensor.tolist())
+        self.total, self.finite, self.nonfinite, self.diverged = 0.0, 0, 0, 0
+        loss_sum, finite, nonfinite, diverged = totals[0], *(int(round(v)) for v in totals[1:])
+        return (loss_sum / finite if finite else float("nan")), finite, nonfinite, diverged
+
+    def state_dict(self) -> Dict[str, Any]:
+        """This rank's unread losses, without a collective (a checkpoint may be written by one rank)."""
+        return {"sum": self.total, "finite": self.finite, "nonfinite": self.nonfinite, "diverged": self.diverged}
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """States are written by rank 0 and read by every rank: only rank 0 takes the unread losses
+        back, so the next mean over ranks counts them once (exact in one process)."""
+        primary = not distributed() or dist.get_rank() == 0
+        self.total = float(state["sum"]) if primary else 0.0
+        self.finite = int(state["finite"]) if primary else 0
+        self.nonfinite = int(state["nonfinite"]) if primary else 0
+        self.diverged = int(state["diverged"]) if primary else 0
+
+
+# -- the stop --------------------------------------------------------------------------------------
+class AutoDecayFinished(KeyboardInterrupt):
+    """Raised by the optimizer's next ``zero_grad()``/``step()`` after the epoch boundary at which the
+    last learning stage had ended: timm's ``train.py`` treats it like Ctrl-C and ends gracefully."""
+
+
+def arm_stop(optimizer: torch.optim.Optimizer, message: str, on_stop: Callable[[], None]) -> None:
+    """Make the optimizer's next ``zero_grad()`` or ``step()`` raise :class:`AutoDecayFinished`.
+
+    ``train.py`` calls ``zero_grad()`` at the top of ``train_one_epoch``, before it loads a batch, and
+    catches ``KeyboardInterrupt`` around its epoch loop; the step pre-hook serves loops that do not
+    zero the gradients first. Both are removed when the stop fires, before ``on_stop()`` runs."""
+    had_own = "zero_grad" in optimizer.__dict__
+    own = optimizer.__dict__.get("zero_grad")
+    handle = None
+
+    def stop(*_args: Any, **_kwargs: Any) -> None:
+        if had_own:
+            optimizer.zero_grad = own
+        else:
+            optimizer.__dict__.pop("zero_grad", None)
+        handle.remove()
+        on_stop()
+        raise AutoDecayFinished(message)
+
+    optimizer.zero_grad = stop
+    handle = optimizer.register_step_pre_hook(stop)
