@@ -3,8 +3,10 @@ import math
 import os
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -136,12 +138,14 @@ def test_an_optimizer_without_lr_is_refused():
         AutoDecayLR(NoLr([torch.nn.Parameter(torch.zeros(1))]))
 
 
-def test_step_without_a_loss_is_an_error():
+def test_step_without_a_loss_is_an_error_saying_what_to_write():
     sched = AutoDecayLR(make_optimizer())
-    with pytest.raises(TypeError, match="loss"):
+    with pytest.raises(TypeError, match=r"sched\.step\(loss\)"):
         sched.step()
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_ranks_seeing_different_losses_hold_identical_lrs_at_every_update(tmp_path):
     worker = Path(__file__).with_name("distributed_worker.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "OUT_DIR": str(tmp_path)}
@@ -152,3 +156,71 @@ def test_ranks_seeing_different_losses_hold_identical_lrs_at_every_update(tmp_pa
     assert rank0 == rank1
     lrs = [float(line.split()[1]) for line in rank0.splitlines()]
     assert len(set(lrs)) == 3  # both decays happened, at the same update on both ranks
+
+
+# -- surprising inputs get clear answers ---------------------------------------------------------
+@pytest.mark.parametrize("loss, error, words", [
+    ("0.5", TypeError, "got str '0.5'"),
+    (True, TypeError, "got bool True"),
+    (torch.tensor(True), TypeError, "torch.bool"),
+    (torch.tensor(1.0, device="meta"), ValueError, "'meta' device"),
+    (torch.ones(2), ValueError, "shape (2,)"),
+], ids=["string", "bool", "bool-tensor", "meta-tensor", "vector"])
+def test_a_loss_that_is_not_a_number_is_refused_and_not_counted(loss, error, words):
+    sched = AutoDecayLR(make_optimizer(), **SETTINGS)
+    sched.step(2.0)
+    with pytest.raises(error) as caught:
+        sched.step(loss)
+    assert words in str(caught.value)
+    assert sched.last_epoch == 1 and sched.state_dict()["pending_losses"]["updates"] == 1
+
+
+def test_numpy_and_torch_scalars_are_accepted_as_settings_and_losses():
+    plain = AutoDecayLR(make_optimizer(), decay_rate=0.5, num_stages=3, total_updates=3000, window=100)
+    scalars = AutoDecayLR(make_optimizer(), decay_rate=np.float32(0.5), num_stages=np.int64(3),
+                          total_updates=torch.tensor(3000), window=np.int32(100))
+    assert scalars.decay_rate == 0.5 and scalars.state_dict() == plain.state_dict()
+    for loss in (np.float32(2.5), np.float64(2.5), torch.tensor(2.5, dtype=torch.float16), 2):
+        scalars.step(loss)
+    assert scalars.last_epoch == 4
+
+
+def test_last_epoch_is_refused_saying_how_to_resume():
+    with pytest.raises(TypeError, match="takes no last_epoch") as caught:
+        AutoDecayLR(make_optimizer(), last_epoch=5)
+    assert "load_state_dict" in str(caught.value) and "StageDetector" not in str(caught.value)
+
+
+def test_an_unknown_argument_is_refused_naming_it():
+    with pytest.raises(TypeError, match="'gamma'"):
+        AutoDecayLR(make_optimizer(), gamma=0.1)
+
+
+def test_stepping_once_per_epoch_instead_of_per_update_warns():
+    optimizer = make_optimizer()
+    sched = AutoDecayLR(optimizer, total_updates=3000, updates_per_epoch=100)
+    with pytest.warns(RuntimeWarning, match="once after every optimizer.step") as caught:
+        for epoch in range(3):
+            for _ in range(100):
+                optimizer.step()
+            sched.step(2.0 - epoch / 10)  # the epoch's mean loss
+    assert "once per epoch" in str(caught[0].message)
+
+
+def test_stepping_twice_per_update_warns():
+    optimizer = make_optimizer()
+    sched = AutoDecayLR(optimizer, **SETTINGS)
+    with pytest.warns(RuntimeWarning, match="more often than the optimizer updates"):
+        for _ in range(40):
+            optimizer.step()
+            sched.step(2.0)
+            sched.step(2.0)
+
+
+def test_stepping_once_per_update_does_not_warn():
+    optimizer = make_optimizer()
+    sched = AutoDecayLR(optimizer, **SETTINGS)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run(sched, optimizer, stepped_losses())
+    assert sched.finished

@@ -1,168 +1,374 @@
-"""AutoDecay as a PyTorch LR scheduler: ``sched.step(loss)`` after every ``optimizer.step()``."""
+"""AutoDecay as a PyTorch LR scheduler: ``sched.step(loss)`` after every ``optimizer.step()``.
+
+Like ``ReduceLROnPlateau``, AutoDecayLR only ever multiplies each param group's *current* learning
+rate: a decay multiplies it by ``decay_rate``, its own warmup ramp (``warmup_start_factor``) by the
+ramp's ratio from one update to the next. So it composes with torch's chainable schedulers stepped
+side by side (a ``LinearLR`` warmup built before or after it), and a param group added later (a
+backbone unfrozen mid-run) joins the schedule at the LR it was added with, its rate for the current
+stage. The cooldown shape is the one exception: from the end of the last stage it sets every group's
+LR at each update, annealing it from its LR at the cooldown's start to ``min_lr``.
+"""
 from __future__ import annotations
 
+import math
+import numbers
+import warnings
+import weakref
 from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.distributed as dist
 from torch.optim.lr_scheduler import LRScheduler
 
-from .detector import Decision, FollowsDetector, StageDetector
+from .detector import SETTINGS, Decision, FollowsDetector, StageDetector, check_float
+from .torch_state import check_scheduler_state, migrate_scheduler_state, scheduler_state
+
+__all__ = ["AutoDecayLR", "LossAccumulator", "check_decay_rate", "check_loss"]
+
+FOR_A_WARMUP = (
+    "For a warmup, step a torch scheduler and AutoDecayLR side by side, each once per update "
+    "(warmup.step(); sched.step(loss)), or let AutoDecayLR ramp the LR itself: "
+    "AutoDecayLR(optimizer, warmup_updates=N, warmup_start_factor=F)"
+)
+NEEDS_THE_LOSS = (
+    "AutoDecayLR.step needs the training loss: call sched.step(loss) after each optimizer.step(). "
+    "Wrappers that step their schedulers without arguments (SequentialLR, ChainedScheduler, a Trainer "
+    "given the scheduler) cannot drive it. " + FOR_A_WARMUP
+)
+# step(loss) called this many times more (or less) often than the optimizer updates, and by at least
+# this many updates, is not one call per update
+CADENCE_RATIO = 2
+CADENCE_SLACK = 16
 
 
 def check_decay_rate(decay_rate: Any) -> float:
-    if isinstance(decay_rate, bool) or not isinstance(decay_rate, (int, float)) or not 0 < decay_rate < 1:
+    """``decay_rate`` as a float in (0, 1); numpy and torch scalars are accepted."""
+    try:
+        value = check_float("decay_rate", decay_rate, 0.0, 1.0)
+    except ValueError:
+        value = 0.0
+    if value == 0.0:
         raise ValueError(f"decay_rate must be in (0, 1), got {decay_rate!r}")
-    return float(decay_rate)
+    return value
+
+
+def check_loss(loss: Any) -> Union[float, torch.Tensor]:
+    """A training loss as a float (host numbers, CPU tensors) or a one-element tensor on its device."""
+    if isinstance(loss, torch.Tensor):
+        if loss.device.type == "meta":
+            raise ValueError("the loss is a tensor on the 'meta' device, which holds no value: pass the "
+                             "loss computed on real data")
+        if loss.numel() != 1:
+            raise ValueError(f"the loss must be a scalar (0-dim tensor or float), got shape {tuple(loss.shape)}")
+        if loss.dtype == torch.bool or loss.is_complex():
+            raise TypeError(f"the loss must be a real number, got a tensor of {loss.dtype}")
+        loss = loss.detach().reshape(())
+        return float(loss) if loss.device.type == "cpu" else loss
+    if isinstance(loss, bool) or not isinstance(loss, numbers.Real):
+        raise TypeError(f"the loss must be a float or a 0-dim tensor, got {type(loss).__name__} {loss!r}")
+    return float(loss)
 
 
 class LossAccumulator:
-    """Sums per-update losses where they live (on the accelerator) and reads them back only when
-    the detector wants a value, averaged over all ranks when ``torch.distributed`` is running.
+    """Sums per-update losses where they live and reads them back only when the detector wants a
+    value, averaged over all ranks when ``torch.distributed`` is running.
 
-    Non-finite losses are left out of the sum and counted, so one bad batch cannot poison a bucket.
+    Losses on an accelerator are summed there (no device sync per update); host numbers and CPU
+    tensors are summed in Python. Non-finite losses are left out of the sum and counted, so one bad
+    batch cannot poison a bucket.
     """
 
     def __init__(self) -> None:
-        self._totals: Optional[torch.Tensor] = None  # [sum of finite losses, finite count, count]
-        self._restored = (0.0, 0.0, 0.0)  # host-side totals from a checkpoint, added on the next loss
+        self._device: Optional[torch.Tensor] = None  # [sum of finite losses, finite count, count]
+        self._host = [0.0, 0.0, 0.0]  # the same for host losses, and a checkpoint's restored totals
         self.updates = 0
 
-    def add(self, loss: Union[float, torch.Tensor]) -> None:
-        loss = torch.as_tensor(loss).detach()
-        if loss.numel() != 1:
-            raise ValueError(f"loss must be a scalar (0-dim tensor or float), got shape {tuple(loss.shape)}")
-        loss = loss.reshape(()).to(torch.float64 if loss.device.type == "cpu" else torch.float32)
-        finite = torch.isfinite(loss)
-        contribution = torch.stack(
-            [torch.where(finite, loss, torch.zeros_like(loss)), finite.to(loss.dtype), torch.ones_like(loss)]
-        )
-        if self._totals is None:
-            self._totals = contribution
-            if any(self._restored):
-                self._totals = contribution + torch.tensor(self._restored, dtype=loss.dtype).to(loss.device)
-                self._restored = (0.0, 0.0, 0.0)
+    def add(self, loss: Any) -> None:
+        if not isinstance(loss, float):
+            loss = check_loss(loss)
+        if isinstance(loss, float) and not (dist.is_available() and dist.is_initialized()):
+            finite = math.isfinite(loss)
+            self._host[0] += loss if finite else 0.0
+            self._host[1] += finite
+            self._host[2] += 1.0
         else:
-            self._totals += contribution
+            loss = torch.as_tensor(loss, dtype=torch.float64 if not isinstance(loss, torch.Tensor) else None)
+            loss = loss.to(torch.float64 if loss.device.type == "cpu" else torch.float32)
+            finite = torch.isfinite(loss)
+            contribution = torch.stack(
+                [torch.where(finite, loss, torch.zeros_like(loss)), finite.to(loss.dtype), torch.ones_like(loss)]
+            )
+            self._device = contribution if self._device is None else self._device + contribution
         self.updates += 1
+
+    def _totals(self) -> List[float]:
+        totals = list(self._host)
+        if self._device is not None:
+            totals = [a + b for a, b in zip(self._device.tolist(), totals)]
+        return totals
 
     def read(self) -> Tuple[float, int]:
         """Mean finite loss since the last read over all ranks (NaN if there was none), and how
         many non-finite losses (all ranks together) were left out."""
-        totals = self._totals
         if dist.is_available() and dist.is_initialized():
-            totals = totals.clone()
+            device = self._device.device if self._device is not None else torch.device("cpu")
+            totals = torch.tensor(self._host, dtype=torch.float64, device=device)
+            if self._device is not None:
+                totals = totals.to(self._device.dtype) + self._device
             dist.all_reduce(totals)
-        loss_sum, finite, count = totals.tolist()
-        self._totals, self.updates = None, 0
+            loss_sum, finite, count = totals.tolist()
+        else:
+            loss_sum, finite, count = self._totals()
+        self._device, self._host, self.updates = None, [0.0, 0.0, 0.0], 0
         return (loss_sum / finite if finite > 0 else float("nan")), int(round(count - finite))
 
     def state_dict(self) -> Dict[str, float]:
         """This rank's unread totals, without any collective: a checkpoint may be written by one
         rank only."""
-        loss_sum, finite, count = self._totals.tolist() if self._totals is not None else self._restored
+        loss_sum, finite, count = self._totals()
         return {"sum": loss_sum, "finite": finite, "count": count, "updates": self.updates}
 
     def load_state_dict(self, state: Dict[str, float]) -> None:
         """Checkpoints are usually written by rank 0 alone and read by every rank: only rank 0 takes
         the saved losses back, so the next mean over ranks counts them once (exact in one process)."""
-        self._totals = None
-        self._restored = (0.0, 0.0, 0.0)
+        self._device, self._host = None, [0.0, 0.0, 0.0]
         if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
-            self._restored = (float(state["sum"]), float(state["finite"]), float(state["count"]))
+            self._host = [float(state["sum"]), float(state["finite"]), float(state["count"])]
         self.updates = int(state["updates"])
 
 
-class AutoDecayLR(FollowsDetector, LRScheduler):
-    """Multiplies every param group's learning rate by ``decay_rate`` when the training loss
-    stops decreasing, at most ``num_stages - 1`` times; ``finished`` turns true at the last plateau.
+def _set_lr(group: Dict[str, Any], lr: float) -> None:
+    if isinstance(group["lr"], torch.Tensor):
+        group["lr"].fill_(lr)  # a tensor LR (capturable, fused optimizers) keeps its identity
+    else:
+        group["lr"] = lr
 
-    Pass the run's shape (``updates_per_epoch``, ``total_updates``) and nothing else: the
-    detector's settings (``window``, ``patience``, ...) default from it. Call ``step(loss)`` once per
-    optimizer update with the (0-dim tensor or float) training loss; the loss is accumulated on its
-    device and read back only every few dozen updates.
+
+def _innermost(optimizer: Any) -> Any:
+    """The optimizer that really steps (Accelerate's AcceleratedOptimizer wraps one)."""
+    while isinstance(getattr(optimizer, "optimizer", None), torch.optim.Optimizer):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+class AutoDecayLR(FollowsDetector, LRScheduler):
+    """Multiplies every param group's learning rate by ``decay_rate`` when the training loss stops
+    decreasing, at most ``num_stages - 1`` times; ``finished`` turns true at the last plateau (with
+    ``decay_shape="cooldown"``: after a cooldown of the LR to ``min_lr`` that the last plateau starts).
+
+    Pass the run's shape (``updates_per_epoch``, ``total_updates``) and nothing else: the detector's
+    settings (``window``, ``patience``, ...) default from it. Call ``step(loss)`` once per optimizer
+    update with the (0-dim tensor or float) training loss; a loss on an accelerator is accumulated
+    there and read back only every few dozen updates.
+
+    Warmup: ``warmup_updates=N`` keeps the first N losses out of the detector. The ramp itself comes
+    either from AutoDecayLR (``warmup_start_factor=F``: the LR rises linearly from F times its value
+    to its value over N updates, as ``LinearLR(optimizer, start_factor=F, total_iters=N)`` does) or
+    from a torch scheduler stepped side by side with AutoDecayLR. ``SequentialLR`` and
+    ``ChainedScheduler`` step their schedulers without the loss and are refused.
+
+    Example::
+
+        >>> sched = AutoDecayLR(optimizer, updates_per_epoch=len(loader), total_updates=90 * len(loader))
+        >>> for batch in loader:
+        >>>     loss = model(batch).loss
+        >>>     loss.backward()
+        >>>     optimizer.step()
+        >>>     optimizer.zero_grad()
+        >>>     sched.step(loss.detach())
+        >>>     if sched.finished:
+        >>>         break
     """
 
     def __init__(
         self,
         optimizer: torch.optim.Optimizer,
         decay_rate: float = 0.1,
-        num_stages: int = 3,
+        num_stages: Optional[int] = None,
         updates_per_epoch: Optional[int] = None,
         total_updates: Optional[int] = None,
         warmup_updates: int = 0,
+        warmup_start_factor: Optional[float] = None,
+        min_lr: float = 0.0,
         **detector_settings: Any,
     ):
         if not isinstance(optimizer, torch.optim.Optimizer):
             raise TypeError(f"{type(optimizer).__name__} is not an Optimizer")
+        _check_extra_arguments(detector_settings)
         for i, group in enumerate(optimizer.param_groups):
             if "lr" not in group:
                 raise ValueError(f"optimizer param_groups[{i}] has no 'lr'; AutoDecay scales learning rates")
         self.decay_rate = check_decay_rate(decay_rate)
-        self.detector = StageDetector(
-            num_stages=num_stages,
-            total_updates=total_updates,
-            updates_per_epoch=updates_per_epoch,
-            warmup_updates=warmup_updates,
-            **detector_settings,
-        )
+        self.min_lr = check_float("min_lr", min_lr, 0.0)
+        self.detector = StageDetector(num_stages=num_stages, total_updates=total_updates,
+                                      updates_per_epoch=updates_per_epoch, warmup_updates=warmup_updates,
+                                      **detector_settings)
+        if self.min_lr and self.detector.decay_shape != "cooldown":
+            raise ValueError(f"min_lr={min_lr!r} is the floor a cooldown anneals to; it needs "
+                             "decay_shape='cooldown' (the step shape multiplies by decay_rate)")
+        self.warmup_start_factor = None
+        if warmup_start_factor is not None:
+            self.warmup_start_factor = check_float("warmup_start_factor", warmup_start_factor, 0.0, 1.0 + 1e-12)
+            if self.warmup_start_factor == 0.0 or not self.detector.warmup_updates:
+                raise ValueError(f"warmup_start_factor={warmup_start_factor!r} needs warmup_updates > 0 and a "
+                                 "factor in (0, 1]")
+        self.optimizer = optimizer
+        for group in optimizer.param_groups:
+            group.setdefault("initial_lr", float(group["lr"]))
+        self.base_lrs: List[float] = [float(group["initial_lr"]) for group in optimizer.param_groups]
         self.accumulator = LossAccumulator()
         self.last_decision: Optional[Decision] = None
-        super().__init__(optimizer)
+        self.cooldown_lrs: Optional[List[float]] = None  # each group's LR when the cooldown began
+        self._updates = 0
+        self._step_count = 1
+        if self.warmup_start_factor is not None:
+            self._scale_lrs(self.warmup_start_factor)
+        self._last_lr = self._current_lrs()
+        self._cadence = _Cadence(optimizer)
 
-    # -- LRScheduler interface ---------------------------------------------------------------
+    # -- torch's scheduler interface ---------------------------------------------------------
+    @property
+    def last_epoch(self) -> int:
+        """Updates stepped so far (torch's name for a scheduler's step count)."""
+        return self._updates
+
+    @last_epoch.setter
+    def last_epoch(self, value: int) -> None:
+        # SequentialLR rewinds its schedulers' counts when it is built, and later steps them without a loss
+        raise TypeError(f"AutoDecayLR's last_epoch cannot be set (to {value!r}). SequentialLR does this to the "
+                        "schedulers it wraps, and steps them without the loss AutoDecayLR needs: it cannot "
+                        f"hold AutoDecayLR. {FOR_A_WARMUP}")
+
     def get_lr(self) -> List[float]:
-        factor = self.decay_rate ** self.detector.stage
-        return [base_lr * factor for base_lr in self.base_lrs]
+        return self._current_lrs()
 
     def step(self, loss: Union[float, torch.Tensor, None] = None) -> None:  # type: ignore[override]
-        """Record one optimizer update's training loss; decay when a stage has ended.
-
-        ``LRScheduler.__init__`` calls ``step()`` once without a loss: that sets the initial LRs.
-        """
+        """Record one optimizer update's training loss; decay when a stage has ended."""
         if loss is None:
-            if self.last_epoch >= 0:
-                raise TypeError("AutoDecayLR.step needs the training loss: sched.step(loss)")
-            super().step()
-            return
+            raise TypeError(NEEDS_THE_LOSS)
+        loss = check_loss(loss)
+        self._updates += 1
         self._step_count += 1
-        self.last_epoch += 1
-        if self.detector.finished:
-            return
-        self.accumulator.add(loss)
-        if self.accumulator.updates < self.detector.next_observation_in:
-            return
-        count = self.accumulator.updates
-        mean, nonfinite = self.accumulator.read()
-        decision = self.detector.observe(mean, count, nonfinite)
-        self.last_decision = decision
-        if decision.action == "decay":
-            self._apply_lr()
+        self._cadence.check(self.detector.bucket_size)
+        self._join_new_groups()
+        if not self.detector.finished:
+            self.accumulator.add(loss)
+            self._warmup_ramp()
+            if self.accumulator.updates >= self.detector.next_observation_in:
+                count = self.accumulator.updates
+                mean, nonfinite = self.accumulator.read()
+                self.last_decision = self.detector.observe(mean, count, nonfinite)
+                if self.last_decision.action == "decay":
+                    self._scale_lrs(self.decay_rate)
+                elif self.last_decision.action == "cooldown":
+                    self.cooldown_lrs = self._current_lrs()
+            if self.cooldown_lrs is not None:
+                self._cool_down()
 
-    def _apply_lr(self) -> None:
-        for group, lr in zip(self.optimizer.param_groups, self.get_lr()):
-            group["lr"] = lr
-        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+    # -- what happens to the LRs -------------------------------------------------------------
+    def _current_lrs(self) -> List[float]:
+        return [float(group["lr"]) for group in self.optimizer.param_groups]
+
+    def get_last_lr(self) -> List[float]:
+        """Every group's LR now (other schedulers stepped side by side may have scaled it too)."""
+        return self._current_lrs()
+
+    def _scale_lrs(self, factor: float) -> None:
+        for group in self.optimizer.param_groups:
+            if isinstance(group["lr"], torch.Tensor):
+                group["lr"].mul_(factor)  # in place, and without reading a device tensor back
+            else:
+                group["lr"] = group["lr"] * factor
+
+    def _warmup_ramp(self) -> None:
+        """LinearLR's ramp, as a ratio of the LR at this update to the LR at the previous one."""
+        start, length, done = self.warmup_start_factor, self.detector.warmup_updates, self._updates
+        if start is None or done > length:
+            return
+        previous, now = (start + (1.0 - start) * (t / length) for t in (done - 1, done))
+        self._scale_lrs(now / previous)
+
+    def _cool_down(self) -> None:
+        for group, stage_lr in zip(self.optimizer.param_groups, self.cooldown_lrs):
+            # the group's LR at the cooldown's start is its stage LR, whatever scaled it before
+            _set_lr(group, self.detector.lr_at(self._updates, stage_lr, 1.0, min(self.min_lr, stage_lr)))
+
+    def _join_new_groups(self) -> None:
+        """A param group added since the last step joins at its LR, its rate for the current stage."""
+        for group in self.optimizer.param_groups[len(self.base_lrs):]:
+            group.setdefault("initial_lr", float(group["lr"]))
+            self.base_lrs.append(float(group["initial_lr"]))
+            if self.cooldown_lrs is not None:
+                self.cooldown_lrs.append(float(group["lr"]))
 
     # -- checkpointing -----------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
-        """Detector state plus LR bookkeeping and the losses accumulated since the detector's last
-        observation (read back once per checkpoint), so a resumed run decides as an unbroken one."""
-        return {
-            "decay_rate": self.decay_rate,
-            "base_lrs": list(self.base_lrs),
-            "last_epoch": self.last_epoch,
-            "detector": self.detector.state_dict(),
-            "pending_losses": self.accumulator.state_dict(),
-        }
+        """Detector state, the LR of every group, and the losses accumulated since the detector's
+        last observation (read back once per checkpoint), so a resumed run decides as an unbroken one.
+        JSON-able (plain floats even for tensor LRs), versioned."""
+        self._join_new_groups()
+        return scheduler_state(self)
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
-        if state_dict["decay_rate"] != self.decay_rate:
-            raise ValueError(
-                f"decay_rate {self.decay_rate} differs from the checkpoint's {state_dict['decay_rate']}"
-            )
-        self.detector.load_state_dict(state_dict["detector"])
-        self.base_lrs = list(state_dict["base_lrs"])
-        self.last_epoch = state_dict["last_epoch"]
-        self.accumulator.load_state_dict(state_dict["pending_losses"])
-        self._apply_lr()
+        """Restore a state written by this release or an older one. The whole state is checked before
+        any of it is applied; a bad one raises ``StateError`` (a ValueError) naming the bad key. The
+        optimizer must have as many param groups as when the state was saved."""
+        self._join_new_groups()
+        state = migrate_scheduler_state(state_dict)
+        check_scheduler_state(self, state)
+        self.detector.load_state_dict(state["detector"])  # validates its part whole before applying it
+        self.accumulator.load_state_dict(state["pending_losses"])
+        self._updates = state["last_epoch"]
+        self.base_lrs = [float(lr) for lr in state["base_lrs"]]
+        self.cooldown_lrs = None if state["cooldown_lrs"] is None else [float(lr) for lr in state["cooldown_lrs"]]
+        for group, lr in zip(self.optimizer.param_groups, state["lrs"]):
+            _set_lr(group, float(lr))
+        self._last_lr = self._current_lrs()
+
+
+def _check_extra_arguments(settings: Dict[str, Any]) -> None:
+    if "last_epoch" in settings:
+        raise TypeError("AutoDecayLR takes no last_epoch: to resume a run, build it as before and call "
+                        "sched.load_state_dict(state) with the state saved in the checkpoint")
+    unknown = sorted(set(settings) - set(SETTINGS))
+    if unknown:
+        raise TypeError(f"AutoDecayLR got unexpected argument(s) {unknown}; it takes decay_rate, "
+                        f"warmup_start_factor, min_lr and the detector's settings {sorted(SETTINGS)}")
+
+
+class _Cadence:
+    """Warns once when ``step(loss)`` is not called once per optimizer update (once per epoch, say):
+    AutoDecay counts time in updates, so its window and budget would be off by that factor."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer) -> None:
+        self.optimizer_updates = self.steps = 0
+        self.warned = False
+        this = weakref.ref(self)
+
+        def count(*_: Any) -> None:
+            cadence = this()
+            if cadence is not None:
+                cadence.optimizer_updates += 1
+
+        try:
+            self.handle = _innermost(optimizer).register_step_post_hook(count)
+        except (AttributeError, RuntimeError):  # an optimizer without step hooks: nothing to compare
+            self.handle = None
+
+    def check(self, bucket_size: int) -> None:
+        self.steps += 1
+        updates, steps = self.optimizer_updates, self.steps
+        if self.warned or self.handle is None or not updates:
+            return
+        slack = max(CADENCE_SLACK, 2 * bucket_size)
+        if updates >= CADENCE_RATIO * steps and updates - steps >= slack:
+            what = "less often than the optimizer updates (once per epoch?)"
+        elif steps >= CADENCE_RATIO * updates and steps - updates >= slack:
+            what = ("more often than the optimizer updates (per micro-batch? Accelerate's prepare() steps a "
+                    "scheduler once per process: keep AutoDecayLR out of prepare())")
+        else:
+            return
+        self.warned = True
+        warnings.warn(f"AutoDecayLR.step(loss) was called {steps} times while the optimizer took {updates} "
+                      f"updates: {what}. Call it once after every optimizer.step(): AutoDecay counts time in "
+                      "updates, so its window and budget are off otherwise.", RuntimeWarning, stacklevel=3)
