@@ -11,7 +11,7 @@ import pytest
 
 from timm_autodecay.cli import main
 from timm_autodecay.detector import Decision, StageDetector
-from timm_autodecay.replay import ReplayError, load_series, replay, replay_file
+from timm_autodecay.replay import ReplayError, ReplayWarning, load_series, replay, replay_file
 
 REPO = Path(__file__).resolve().parents[1]
 TIMM_HEADER = ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr"]
@@ -152,9 +152,9 @@ class ScriptedDetector:
 def test_index_is_the_position_of_the_triggering_value_and_feeding_stops_at_finish():
     detector = ScriptedDetector({2: "decay", 4: "decay", 6: "finish"})
     decisions = replay([9.0, 8, 7, 6, 5, 4, 3, 2, 1], [5, 5, 5, 5, 5, 5, 5, 5, 5], detector)
-    assert decisions == [{"index": 2, "action": "decay", "stage": 1},
-                         {"index": 4, "action": "decay", "stage": 2},
-                         {"index": 6, "action": "finish", "stage": 2}]
+    assert decisions == [{"index": 2, "update": 15, "action": "decay", "stage": 1},
+                         {"index": 4, "update": 25, "action": "decay", "stage": 2},
+                         {"index": 6, "update": 35, "action": "finish", "stage": 2}]
     assert detector.fed == [(9.0, 5), (8, 5), (7, 5), (6, 5), (5, 5), (4, 5), (3, 5)]
 
 
@@ -192,9 +192,9 @@ def test_budget_ends_stages_at_the_value_covering_the_milestone(tmp_path, fmt):
         path, settings, last = write_json(tmp_path / "trainer_state.json", state), {}, 29
     result = replay_file(path, **settings)
     third = (last + 1) // 3
-    assert result["decisions"] == [{"index": third - 1, "action": "decay", "stage": 1},
-                                   {"index": 2 * third - 1, "action": "decay", "stage": 2},
-                                   {"index": last, "action": "finish", "stage": 2}]
+    assert result["decisions"] == [{"index": third - 1, "update": 100, "action": "decay", "stage": 1},
+                                   {"index": 2 * third - 1, "update": 200, "action": "decay", "stage": 2},
+                                   {"index": last, "update": 300, "action": "finish", "stage": 2}]
     assert result["settings"]["total_updates"] == 300
 
 
@@ -212,8 +212,9 @@ def test_cli_prints_decisions_and_the_full_settings(tmp_path, capsys):
 def test_cli_has_a_flag_for_every_detector_setting(tmp_path, capsys):
     path = write_json(tmp_path / "losses.json", falling(50))
     given = {"num_stages": 2, "total_updates": 400, "updates_per_epoch": 20, "warmup_updates": 5,
-             "window": 40, "patience": 7, "significance": 2.0, "min_relative_drop": 0.05,
-             "min_points": 4, "first_stage_patience": 0.5}
+             "window": 40, "patience": 7, "significance": 2.0, "min_progress": 0.1,
+             "min_points": 4, "first_stage_patience": 0.5, "decay_shape": "cooldown",
+             "cooldown_fraction": 0.3, "cooldown_curve": "linear"}
     assert set(given) == set(StageDetector.SETTINGS), "a new setting: add it to this test"
     argv = [x for name, value in given.items() for x in ("--" + name.replace("_", "-"), value)]
     code, out, err = run_cli(capsys, "replay", path, *argv)
@@ -326,7 +327,7 @@ def test_cli_runs_as_a_program(tmp_path):
     done = subprocess.run([sys.executable, "-m", "timm_autodecay.cli", "replay", str(path),
                            "--total-updates", "30"], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["decisions"][-1] == {"index": 29, "action": "finish", "stage": 2}
+    assert json.loads(done.stdout)["decisions"][-1] == {"index": 29, "update": 30, "action": "finish", "stage": 2}
 
 
 def test_non_finite_losses_reach_the_detector_and_a_diverged_run_is_an_error(tmp_path, capsys):
@@ -335,7 +336,62 @@ def test_non_finite_losses_reach_the_detector_and_a_diverged_run_is_an_error(tmp
     values = load_series(path).values
     assert values[0] == 3.0 and math.isnan(values[1]) and values[2] == math.inf
     diverged = write_json(tmp_path / "diverged.json", falling(20) + [math.nan] * 100)
-    with pytest.warns(RuntimeWarning, match="non-finite"):
-        code, out, err = run_cli(capsys, "replay", diverged, "--window", 50)
+    code, out, err = run_cli(capsys, "replay", diverged, "--window", 50)
     assert code == 2 and out == ""
-    assert err.startswith(f"timm-autodecay: error: {diverged}: ") and "non-finite" in err
+    warning, error = err.splitlines()[:2]
+    assert warning.startswith("timm-autodecay: warning: ") and "non-finite" in warning
+    assert error.startswith(f"timm-autodecay: error: {diverged}: ") and "non-finite" in error
+
+
+# -- runs as they really are: resumed, misread budgets, a cooldown -------------------------------
+def test_a_resumed_timm_run_counts_each_epoch_once_the_last_row_of_it(tmp_path, capsys):
+    """train.py appends to summary.csv: a run resumed from epoch 2's checkpoint logs epochs 2-3 again."""
+    path = tmp_path / "summary.csv"
+    header = ",".join(TIMM_HEADER)
+    rows = [(0, 6.9), (1, 6.1), (2, 5.4), (3, 9.9), (2, 5.5), (3, 5.0), (4, 4.6)]
+    path.write_text(header + "\n" + "".join(f"{e},{loss},0,0,0,0.1\n" for e, loss in rows))
+    with pytest.warns(ReplayWarning, match="epochs 2-3 appear more than once"):
+        series = load_series(path, updates_per_epoch=10)
+    assert series.values == [6.9, 6.1, 5.5, 5.0, 4.6] and series.counts == [10] * 5
+    code, out, err = run_cli(capsys, "replay", path, "--updates-per-epoch", 10)
+    assert code == 0 and "warning: " in err and "epochs 2-3" in err
+
+
+def test_a_timm_budget_given_in_epochs_is_an_error_saying_the_updates(tmp_path, capsys):
+    summary = write_timm_summary(tmp_path / "summary.csv", falling(30, per_value=10))
+    code, out, err = run_cli(capsys, "replay", summary, "--updates-per-epoch", 10, "--total-updates", 30)
+    assert code == 2 and out == ""
+    assert "counts updates, not epochs" in err and "--total-updates 300" in err
+
+
+def test_a_budget_below_the_logged_updates_warns(tmp_path, capsys):
+    path = write_json(tmp_path / "losses.json", falling(300))
+    code, out, err = run_cli(capsys, "replay", path, "--total-updates", 150)
+    assert code == 0 and json.loads(out)["decisions"][-1]["update"] == 150
+    assert err.startswith("timm-autodecay: warning: ") and "logs 300 updates, more than" in err
+    code, out, err = run_cli(capsys, "replay", path, "--total-updates", 300)
+    assert (code, err) == (0, "")
+
+
+@pytest.mark.parametrize("value", [0, -5])
+def test_updates_per_epoch_below_one_is_named_with_its_value(tmp_path, capsys, value):
+    summary = write_timm_summary(tmp_path / "summary.csv", [6.9, 6.1])
+    code, out, err = run_cli(capsys, "replay", summary, "--updates-per-epoch", value)
+    assert code == 2 and "updates_per_epoch" in err and f"got {value}" in err
+
+
+def test_replay_with_the_cooldown_shape_prints_where_the_cooldown_starts_and_ends(tmp_path, capsys):
+    path = write_json(tmp_path / "losses.json", falling(1200, per_value=0.02))  # falling: the budget decides
+    code, out, err = run_cli(capsys, "replay", path, "--total-updates", 1000, "--decay-shape", "cooldown")
+    assert code == 0 and "warning" in err  # the file runs past the budget
+    result = json.loads(out)
+    assert [(d["update"], d["action"]) for d in result["decisions"]] == [(800, "cooldown"), (1000, "finish")]
+    assert result["cooldown"] == {"start_update": 800, "end_update": 1000, "updates": 200, "curve": "1-sqrt",
+                                  "reached_end": True}
+
+
+def test_a_file_that_ends_mid_cooldown_shows_where_it_would_end(tmp_path):
+    path = write_json(tmp_path / "losses.json", falling(900, per_value=0.02))
+    result = replay_file(path, total_updates=1000, decay_shape="cooldown")
+    assert [d["action"] for d in result["decisions"]] == ["cooldown"]
+    assert result["cooldown"]["end_update"] == 1000 and result["cooldown"]["reached_end"] is False

@@ -1,7 +1,8 @@
 """The ``timm-autodecay`` command line.
 
 ``timm-autodecay replay FILE [--column NAME] [detector settings]`` prints, as one JSON object, where
-the detector would have decayed and finished on a logged run. The settings flags are generated from
+the detector would have decayed, started its cooldown and finished on a logged run; warnings (a
+resumed run's repeated epochs, a budget that looks like epochs) go to stderr. The settings flags are generated from
 ``StageDetector.SETTINGS`` so that they never drift from the detector.
 """
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import warnings
 
 from .detector import StageDetector
 from .replay import replay_file
@@ -56,10 +58,16 @@ def main(argv=None) -> int:
     args = vars(parser.parse_args(argv))
     del args["command"]  # "replay", the only one
     path, column = args.pop("file"), args.pop("column")
-    try:
-        result = replay_file(path, column=column, **args)
-    except ValueError as error:  # a bad file (ReplayError) or settings the detector rejects
-        parser.exit(2, f"timm-autodecay: error: {error}\n")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            result = replay_file(path, column=column, **args)
+        except ValueError as error:  # a bad file (ReplayError) or settings the detector rejects
+            result = error
+    for warning in caught:  # a command line user reads warnings as lines of their own
+        sys.stderr.write(f"timm-autodecay: warning: {warning.message}\n")
+    if isinstance(result, ValueError):
+        parser.exit(2, f"timm-autodecay: error: {result}\n")
     json.dump(result, sys.stdout, indent=2)
     sys.stdout.write("\n")
     return 0

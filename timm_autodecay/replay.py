@@ -18,17 +18,22 @@ from __future__ import annotations
 import csv
 import io
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-from .detector import StageDetector
+from .detector import StageDetector, check_int
 
-__all__ = ["ReplayError", "LossSeries", "load_series", "replay", "replay_file"]
+__all__ = ["ReplayError", "ReplayWarning", "LossSeries", "load_series", "replay", "replay_file"]
 
 
 class ReplayError(ValueError):
     """A loss file that cannot be replayed; the message names the file and the problem."""
+
+
+class ReplayWarning(UserWarning):
+    """A loss file or settings that replay can read, but likely not as the user meant."""
 
 
 @dataclass
@@ -136,15 +141,16 @@ def _csv(path, text, column, updates_per_epoch) -> LossSeries:
         raise ReplayError(f"{path}: no column {column!r}; columns: {', '.join(header)}")
 
     if is_timm_summary:
-        if updates_per_epoch is None or updates_per_epoch < 1:
+        if updates_per_epoch is None:
             raise ReplayError(f"{path}: a timm summary.csv has one row per epoch; "
                               f"pass updates_per_epoch (--updates-per-epoch N)")
-        count = int(updates_per_epoch)
+        count = check_int("updates_per_epoch", updates_per_epoch, 1)
     else:
         count = 1
 
     at = header.index(column)
-    values = []
+    epoch_at = header.index("epoch") if is_timm_summary else None
+    values, epochs = [], []
     for line, row in enumerate(rows[1:], start=2):
         cell = row[at].strip() if at < len(row) else ""
         if not cell or [name.strip() for name in row] == header:
@@ -153,8 +159,47 @@ def _csv(path, text, column, updates_per_epoch) -> LossSeries:
             values.append(float(cell))
         except ValueError:
             raise ReplayError(f"{path}: row {line}, column {column!r}: {cell!r} is not a number") from None
+        if epoch_at is not None:
+            epochs.append(_epoch(path, line, row[epoch_at]))
+    if epoch_at is not None:
+        values = _last_row_of_each_epoch(path, values, epochs)
     kind = "timm-summary" if is_timm_summary else "csv"
     return LossSeries(values, [count] * len(values), kind)
+
+
+def _epoch(path, line, cell):
+    try:
+        return int(cell.strip())
+    except ValueError:
+        raise ReplayError(f"{path}: row {line}, column 'epoch': {cell.strip()!r} is not an epoch number") from None
+
+
+def _last_row_of_each_epoch(path, values, epochs):
+    """A resumed timm run appends the epochs it runs again: the last row of an epoch is the one that
+    led to the final weights."""
+    by_epoch = dict(zip(epochs, values))
+    if len(by_epoch) < len(values):
+        again = sorted({e for i, e in enumerate(epochs) if e in epochs[:i]})
+        warnings.warn(f"{path}: epochs {_spans(again)} appear more than once (a resumed run?): "
+                      "the last row of each is used", ReplayWarning, stacklevel=4)
+    order = sorted(by_epoch)
+    missing = sorted(set(range(order[0], order[-1] + 1)) - set(order)) if order else []
+    if missing:
+        warnings.warn(f"{path}: epochs {_spans(missing)} are missing: the updates of the epochs after them "
+                      "are counted too early", ReplayWarning, stacklevel=4)
+    return [by_epoch[e] for e in order]
+
+
+def _spans(numbers):
+    """[1, 2, 3, 7] -> '1-3, 7'."""
+    spans, start = [], None
+    for i, n in enumerate(numbers):
+        if start is None:
+            start = n
+        if i + 1 == len(numbers) or numbers[i + 1] != n + 1:
+            spans.append(f"{start}-{n}" if n != start else f"{n}")
+            start = None
+    return ", ".join(spans)
 
 
 def replay(series: Sequence[float], counts: Optional[Sequence[int]], detector) -> list:
@@ -171,7 +216,8 @@ def replay(series: Sequence[float], counts: Optional[Sequence[int]], detector) -
     for index, (value, count) in enumerate(zip(series, counts)):
         decision = detector.observe(value, count=count)
         if decision.action != "continue":
-            decisions.append({"index": index, "action": decision.action, "stage": decision.stage})
+            decisions.append({"index": index, "update": decision.update, "action": decision.action,
+                              "stage": decision.stage})
             if decision.action == "finish":
                 break
     return decisions
@@ -180,16 +226,41 @@ def replay(series: Sequence[float], counts: Optional[Sequence[int]], detector) -
 def replay_file(path, column=None, **settings) -> dict:
     """Replay the losses in ``path`` with a detector built from ``settings``.
 
-    Returns what the CLI prints: ``{"decisions": [...], "settings": {...}}``. A run's budget recorded
+    Returns what the CLI prints: ``{"decisions": [...], "settings": {...}}``, and with the cooldown
+    shape, once it began, ``"cooldown": {"start_update", "end_update", ...}``. A run's budget recorded
     in the file (Trainer's max_steps) is the default ``total_updates``. Invalid settings raise the
-    detector's ValueError.
+    detector's ValueError before the file is read; a budget that looks like epochs rather than
+    updates raises ReplayError or warns (ReplayWarning).
     """
+    StageDetector(**settings)  # a bad setting is named before the file is read
     series = load_series(path, column=column, updates_per_epoch=settings.get("updates_per_epoch"))
     if settings.get("total_updates") is None and series.total_updates is not None:
         settings["total_updates"] = series.total_updates
     detector = StageDetector(**settings)
+    _check_budget(path, series, detector.total_updates)
     try:
         decisions = replay(series.values, series.counts, detector)
     except FloatingPointError as error:  # a whole window of non-finite losses: the run diverged
         raise ReplayError(f"{path}: {error}") from None
-    return {"decisions": decisions, "settings": detector.settings()}
+    result = {"decisions": decisions, "settings": detector.settings()}
+    if detector.cooldown_start is not None:
+        end = detector.cooldown_start + detector.cooldown_updates
+        result["cooldown"] = {"start_update": detector.cooldown_start, "end_update": end,
+                              "updates": detector.cooldown_updates, "curve": detector.cooldown_curve,
+                              "reached_end": detector.finished}
+    return result
+
+
+def _check_budget(path, series, total_updates):
+    """A budget below the updates the file logs is most often a number of epochs given as updates."""
+    logged = sum(series.counts)
+    if total_updates is None or total_updates >= logged:
+        return
+    rows = len(series.values)
+    if series.kind == "timm-summary" and total_updates <= rows:
+        raise ReplayError(f"{path}: total_updates (--total-updates) {total_updates} is no more than the {rows} "
+                          f"epochs this summary.csv logs; it counts updates, not epochs: these {rows} epochs "
+                          f"of {series.counts[0]} updates are --total-updates {logged}")
+    warnings.warn(f"{path}: the file logs {logged} updates, more than total_updates (--total-updates) "
+                  f"{total_updates}; the replay ends at that budget. total_updates counts optimizer updates, "
+                  "not epochs", ReplayWarning, stacklevel=3)
