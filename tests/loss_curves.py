@@ -38,3 +38,77 @@ def noisy_series(length, seed=0, noise=0.1, tau=300.0):
     """An open-loop series: one stage's decay to its plateau, then flat noise."""
     rng = random.Random(seed)
     return [stage_loss(0, t, tau) * (1.0 + noise * rng.gauss(0.0, 1.0)) for t in range(length)]
+
+
+# -- the spike grid: one bad batch must not move a decision ---------------------------------------
+SPIKE_SHAPE = {"total_updates": 3000, "updates_per_epoch": 100}
+# an outlier is this many times the running loss; 0.0 is a single zero, as a NaN filter may log one
+SPIKE_FACTORS = (3.0, 1e3, 1e6, 0.0)
+SPIKE_SEEDS = (0, 1, 2, 3, 4)
+
+
+def falling_curve(seed, length=3000, noise=0.02):
+    """``0.2 + 1.8 exp(-i / 1000)`` with multiplicative Gaussian noise: a loss still falling at the end
+    of a 3000-update budget, so every stage ends at its budget share. Returns (noisy, noise-free)."""
+    rng = random.Random(seed)
+    level = [0.2 + 1.8 * math.exp(-i / 1000) for i in range(length)]
+    return [v * (1.0 + noise * rng.gauss(0.0, 1.0)) for v in level], level
+
+
+def spike_grid(face, seeds=SPIKE_SEEDS, factors=SPIKE_FACTORS, every=1):
+    """Run ``face`` on ``falling_curve(seed)`` and on copies of it with one outlier in the middle of
+    every ``every``-th bucket of the detector (before the clean run's last decision), for each factor.
+
+    ``face`` is a small adapter over one face of the package: ``start()`` returns a fresh run and
+    ``load(saved)`` one resumed from ``run.save()`` (its state dict); a run has ``feed(losses)``
+    (per-update losses; it stops at the finish), ``finished``, ``decisions`` [(update, action)] and
+    ``bucket_size``. A spiked run starts from the clean run's state at its bucket and stops as soon
+    as its whole state equals the clean run's at the same update: from there on it is the clean run.
+    Returns [(seed, position, factor, clean decisions, spiked decisions)].
+    """
+    outcomes = []
+    for seed in seeds:
+        losses, level = falling_curve(seed)
+        clean = face.start()
+        bucket = clean.bucket_size
+        saved, at = {0: clean.save()}, 0
+        while not clean.finished and at < len(losses):
+            clean.feed(losses[at:at + bucket])
+            at += bucket
+            saved[at] = clean.save()
+        reference = list(clean.decisions)
+        end = reference[-1][0] if reference else len(losses)
+        for start in range(0, end, bucket * every):
+            position = start + bucket // 2
+            for factor in factors:
+                spiked = list(losses)
+                spiked[position] = factor * level[position]
+                outcomes.append((seed, position, factor, reference, _run_spiked(face, spiked, saved, start)))
+    return outcomes
+
+
+def _run_spiked(face, losses, saved, start):
+    run, at = face.load(saved[start]), start
+    while not run.finished and at < len(losses):
+        run.feed(losses[at:at + run.bucket_size])
+        at += run.bucket_size
+        if at in saved and run.save() == saved[at]:
+            return None  # rejoined the clean run
+    return list(run.decisions)
+
+
+def judge_spikes(outcomes, tolerance):
+    """(moved, added): the spiked runs whose decisions are not the clean run's (same actions, each
+    within ``tolerance`` updates), and those with more decisions than the clean run."""
+    moved, added = [], []
+    for seed, position, factor, reference, decisions in outcomes:
+        if decisions is None:
+            continue
+        if len(decisions) > len(reference):
+            added.append((seed, position, factor, decisions))
+        same = len(decisions) == len(reference) and all(
+            action == want and abs(update - at) <= tolerance
+            for (update, action), (at, want) in zip(decisions, reference))
+        if not same:
+            moved.append((seed, position, factor, decisions))
+    return moved, added
