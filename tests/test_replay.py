@@ -11,7 +11,7 @@ import pytest
 
 from timm_autodecay.cli import main
 from timm_autodecay.detector import Decision, StageDetector
-from timm_autodecay.replay import ReplayError, ReplayWarning, load_series, replay, replay_file
+from timm_autodecay.replay import ReplayError, load_series, replay, replay_file
 
 REPO = Path(__file__).resolve().parents[1]
 TIMM_HEADER = ["epoch", "train_loss", "eval_loss", "eval_top1", "eval_top5", "lr"]
@@ -350,7 +350,7 @@ def test_a_resumed_timm_run_counts_each_epoch_once_the_last_row_of_it(tmp_path, 
     header = ",".join(TIMM_HEADER)
     rows = [(0, 6.9), (1, 6.1), (2, 5.4), (3, 9.9), (2, 5.5), (3, 5.0), (4, 4.6)]
     path.write_text(header + "\n" + "".join(f"{e},{loss},0,0,0,0.1\n" for e, loss in rows))
-    with pytest.warns(ReplayWarning, match="epochs 2-3 appear more than once"):
+    with pytest.warns(UserWarning, match="epochs 2-3 appear more than once"):
         series = load_series(path, updates_per_epoch=10)
     assert series.values == [6.9, 6.1, 5.5, 5.0, 4.6] and series.counts == [10] * 5
     code, out, err = run_cli(capsys, "replay", path, "--updates-per-epoch", 10)

@@ -114,9 +114,10 @@ def test_a_damaged_state_raises_value_error_naming_the_key_and_changes_nothing(c
     sched = AutoDecayLR(optimizer, **SHAPE)
     run(sched, optimizer, falling_losses(seed=1)[:50])
     before, lrs = sched.state_dict(), [g["lr"] for g in optimizer.param_groups]
-    with pytest.raises(ValueError, match="AutoDecay state") as caught:
+    with pytest.raises(Exception) as caught:
         sched.load_state_dict(state)
-    assert words in str(caught.value)
+    assert isinstance(caught.value, ValueError), f"{type(caught.value).__name__}: {caught.value}"
+    assert "AutoDecay state" in str(caught.value) and words in str(caught.value)
     assert sched.state_dict() == before and [g["lr"] for g in optimizer.param_groups] == lrs
 
 
