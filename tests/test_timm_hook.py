@@ -87,12 +87,16 @@ def test_startup_hook_is_lazy_and_registers_on_timm_import_and_only_there(tmp_pa
     prelude = f"import site, sys; sys.path[:0] = {paths!r}; "
     probe = ("import timm.scheduler as s; "
              f"print(hasattr(s.create_scheduler_v2, {ORIGINAL!r}), hasattr(s.scheduler_kwargs, {ORIGINAL!r}))")
-    hooked = run_python("-S", "-c", prelude + (
+    hooked = run_python("-W", "error::RuntimeWarning", "-S", "-c", prelude + (
         f"site.addsitedir({str(site_dir)!r}); "
         "print(any(type(f).__name__ == '_TimmSchedulerFinder' for f in sys.meta_path), "
         "'torch' in sys.modules, 'timm' in sys.modules); " + probe))
     assert hooked.returncode == 0, hooked.stderr
     assert hooked.stdout.split() == ["True", "False", "False", "True", "True"]  # as train.py imports them
+    # our scheduler module imported first: it imports timm's scheduler package, the hook registers then
+    first = run_python("-W", "error::RuntimeWarning", "-S", "-c", prelude + (
+        f"site.addsitedir({str(site_dir)!r}); import timm_autodecay.timm_scheduler; " + probe))
+    assert first.returncode == 0 and first.stdout.split() == ["True", "True"], first.stderr
 
     explicit = run_python("-S", "-c", prelude + (
         "import timm_autodecay.timm_scheduler, timm_autodecay.timm_factory as f; " + probe + "; "

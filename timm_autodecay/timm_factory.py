@@ -14,7 +14,8 @@ The installed start-up hook (:mod:`timm_autodecay.timm_hook`) calls :func:`regis
 imports ``timm.scheduler``, so an unmodified ``train.py`` gets the wrapped names. A program that builds
 its scheduler itself without the hook (``TIMM_AUTODECAY_HOOK=0``, or the package on ``sys.path`` without
 being installed) calls ``timm_autodecay.timm_factory.register()`` once before it uses timm's factory.
-Importing this module changes nothing by itself.
+Importing this module changes nothing by itself, and imports no timm: the start-up hook imports it
+while timm's scheduler package is being imported (the scheduler class is imported when first built).
 """
 from __future__ import annotations
 
@@ -27,8 +28,9 @@ from typing import Any, Dict, Optional
 
 import torch
 
-from .detector import SETTINGS, check_int
-from .timm_scheduler import FROM_RUN, PREFIX, AutoDecayScheduler, is_primary
+from .detector import check_int
+from .timm_keys import FROM_RUN, PREFIX, RUN_KEYS, YAML_KEYS
+from .timm_loop import is_primary
 from .timm_state import STATE_FILE
 
 __all__ = ["RUN_KEYS", "YAML_KEYS", "autodecay_kwargs_from_cfg", "create_autodecay_scheduler", "register",
@@ -38,20 +40,6 @@ _logger = logging.getLogger("timm_autodecay")
 
 TARGET = "timm.scheduler"
 ORIGINAL = "__timm_autodecay_original__"  # attribute of our wrappers: the function they wrap
-# YAML config keys (``-c config.yaml``): the detector's settings, generated from its SETTINGS, and the
-# adapter's own. name -> (type, default, help)
-YAML_KEYS: Dict[str, tuple] = {PREFIX + name: spec for name, spec in SETTINGS.items() if name not in FROM_RUN}
-YAML_KEYS[PREFIX + "end_training"] = (
-    bool, True, "end training at the epoch boundary after the last stage's plateau")
-YAML_KEYS[PREFIX + "state_file"] = (
-    str, None, "autodecay_state.json to resume from (default: the one next to the --resume checkpoint)")
-# Keys that ``scheduler_kwargs`` fills in from train.py's arguments, and ``create_scheduler_v2``
-# keyword arguments for Python users; not YAML keys.
-RUN_KEYS = {
-    PREFIX + "resume": "checkpoint (or its folder) to resume from: train.py's --resume",
-    PREFIX + "end_interval": "epochs between boundaries where training may end: train.py's --val-interval",
-    PREFIX + "state_dir": "folder to write autodecay_state.json to (default: train.py's checkpoint folder)",
-}
 NO_STATE_DIR = (
     "AutoDecay: this scheduler saves no autodecay_state.json (no train.py checkpoint folder was found, and "
     "autodecay_state_dir was not given), so the run cannot be resumed with its schedule: pass "
@@ -193,6 +181,8 @@ def create_autodecay_scheduler(original: Any, optimizer: torch.optim.Optimizer, 
     ``min_lr``, ``step_on_epochs`` and ``updates_per_epoch``; the other schedules' arguments are
     ignored; ``autodecay_*`` keywords carry the YAML keys and run facts (see ``YAML_KEYS``, ``RUN_KEYS``).
     """
+    from .timm_scheduler import AutoDecayScheduler
+
     ours = {k: kwargs.pop(k) for k in list(kwargs) if k.startswith(PREFIX)}
     _check_keys(ours, [*YAML_KEYS, *RUN_KEYS], "setting(s)")
     a = _run_shape(original, optimizer, args, kwargs)

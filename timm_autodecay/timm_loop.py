@@ -38,6 +38,10 @@ def distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def is_primary() -> bool:
+    return not distributed() or dist.get_rank() == 0
+
+
 def json_number(value: float) -> Optional[float]:
     """JSON has no NaN: a non-finite mean is stored as null."""
     return value if math.isfinite(value) else None

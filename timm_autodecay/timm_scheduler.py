@@ -41,32 +41,20 @@ import torch
 from timm.scheduler.scheduler import Scheduler
 
 from .detector import SETTINGS, Decision, FollowsDetector, StageDetector, StateError, check_int
-from .timm_loop import LOSS, NONFINITE, AutoDecayFinished, RankLosses, RunningMeanDecoder, arm_stop, distributed
+from .timm_keys import FROM_RUN, PREFIX
+from .timm_loop import LOSS, NONFINITE, AutoDecayFinished, RankLosses, RunningMeanDecoder, arm_stop, is_primary
 from .timm_state import ENTRY_TAG, ENTRY_VERSION, STATE_FILE, StateFile, check_entry, find_entry, migrate_entry
 
 __all__ = ["AutoDecayFinished", "AutoDecayScheduler", "STATE_FILE"]
 
 _logger = logging.getLogger("timm_autodecay")
 
-PREFIX = "autodecay_"
-# Detector settings that the run's shape fixes: they come from timm's own arguments.
-FROM_RUN = {
-    "total_updates": "--epochs (num_epochs): the budget",
-    "updates_per_epoch": "train.py's batches per epoch (updates_per_epoch)",
-    "warmup_updates": "--warmup-epochs (warmup_epochs)",
-}
 # The scheduler's own settings that a resumed run must share with its checkpoint, and what sets them.
 RUN_FLAGS = {
     "updates_per_epoch": "train.py's updates per epoch (the dataset, --batch-size, --grad-accum-steps)",
     "t_in_epochs": "--sched-on-updates", "decay_rate": "--decay-rate", "lr_min": "--min-lr",
     "warmup_t": "--warmup-epochs", "warmup_lr_init": "--warmup-lr",
 }
-
-
-def is_primary() -> bool:
-    import torch.distributed as dist
-
-    return not distributed() or dist.get_rank() == 0
 
 
 def _check_lr(name: str, value: Any) -> float:

@@ -1,0 +1,33 @@
+"""The timm face's names for its settings: ``autodecay_*`` config keys (YAML, ``train.py``'s ``args``,
+``create_scheduler_v2`` keywords) and the detector settings that timm's own flags fix.
+
+Imports no timm: the factory reads these while timm's scheduler package is being imported."""
+from __future__ import annotations
+
+from typing import Dict
+
+from .detector import SETTINGS
+
+__all__ = ["FROM_RUN", "PREFIX", "RUN_KEYS", "YAML_KEYS"]
+
+PREFIX = "autodecay_"
+# Detector settings that the run's shape fixes: they come from timm's own arguments.
+FROM_RUN = {
+    "total_updates": "--epochs (num_epochs): the budget",
+    "updates_per_epoch": "train.py's batches per epoch (updates_per_epoch)",
+    "warmup_updates": "--warmup-epochs (warmup_epochs)",
+}
+# YAML config keys (``-c config.yaml``): the detector's settings, generated from its SETTINGS, and the
+# adapter's own. name -> (type, default, help)
+YAML_KEYS: Dict[str, tuple] = {PREFIX + name: spec for name, spec in SETTINGS.items() if name not in FROM_RUN}
+YAML_KEYS[PREFIX + "end_training"] = (
+    bool, True, "end training at the epoch boundary after the last stage's plateau (and cooldown)")
+YAML_KEYS[PREFIX + "state_file"] = (
+    str, None, "autodecay_state.json to resume from (default: the one next to the --resume checkpoint)")
+# Keys that ``scheduler_kwargs`` fills in from train.py's arguments, and ``create_scheduler_v2``
+# keyword arguments for Python users; not YAML keys.
+RUN_KEYS = {
+    PREFIX + "resume": "checkpoint (or its folder) to resume from: train.py's --resume",
+    PREFIX + "end_interval": "epochs between boundaries where training may end: train.py's --val-interval",
+    PREFIX + "state_dir": "folder to write autodecay_state.json to (default: train.py's checkpoint folder)",
+}
