@@ -145,13 +145,12 @@ class EventRun:
         self.steps_per_epoch = steps_per_epoch or max_steps
         if steps_per_epoch:
             self.state.num_train_epochs = math.ceil(max_steps / steps_per_epoch)
+        self.optimizer.step()  # no gradients: changes nothing (no later step does), but the scheduler wants one
         if resume is not None:
             step, entry = resume
             self.state.global_step = step
             self.state.stateful_callbacks = {type(callback).__name__: json.loads(entry)}
-            self.optimizer.step()  # no gradients: changes nothing, but the scheduler expects it first
-            for _ in range(step):  # as scheduler.pt would restore it
-                self.scheduler.step()
+            self.scheduler.last_epoch = step  # as scheduler.pt restores it (the callback then sets the LRs)
         self.nan_filter = nan_filter
         self.control = TrainerControl()
         self.used, self.logs, self.saved = {}, {}, {}
@@ -163,7 +162,8 @@ class EventRun:
         for callback in (self.flow, self.callback):
             result = getattr(callback, name)(self.args, self.state, self.control, optimizer=self.optimizer,
                                              lr_scheduler=self.scheduler, **kwargs)
-            self.control = result if result is not None else self.control
+            if result is not None:
+                self.control = result
 
     def feed(self, losses, grad_norms=None):
         """One optimizer update per loss (stops at the end of training)."""
@@ -181,7 +181,6 @@ class EventRun:
         step = self.state.global_step + 1
         self._event("on_step_begin")
         self.used[step] = [group["lr"] for group in self.optimizer.param_groups]
-        self.optimizer.step()  # no gradients: changes nothing, but the scheduler expects it first
         self._event("on_optimizer_step")
         learning_rate = self.scheduler.get_last_lr()[0]
         self.scheduler.step()
