@@ -224,3 +224,14 @@ def test_stepping_once_per_update_does_not_warn():
         warnings.simplefilter("error")
         run(sched, optimizer, stepped_losses())
     assert sched.finished
+
+
+def test_the_scheduler_pickles_and_deep_copies():
+    import copy
+    import pickle
+
+    optimizer = make_optimizer()
+    sched = AutoDecayLR(optimizer, **SETTINGS)
+    run(sched, optimizer, stepped_losses()[:700])
+    for clone in (pickle.loads(pickle.dumps(sched)), copy.deepcopy(sched)):
+        assert clone.state_dict() == sched.state_dict()

@@ -355,6 +355,10 @@ class _Cadence:
         except (AttributeError, RuntimeError):  # an optimizer without step hooks: nothing to compare
             self.handle = None
 
+    def __getstate__(self) -> Dict[str, Any]:
+        # a pickled or copied scheduler counts no optimizer updates: its hook stays with the original
+        return {**self.__dict__, "handle": None}
+
     def check(self, bucket_size: int) -> None:
         self.steps += 1
         updates, steps = self.optimizer_updates, self.steps
