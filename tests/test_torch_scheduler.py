@@ -235,3 +235,8 @@ def test_the_scheduler_pickles_and_deep_copies():
     run(sched, optimizer, stepped_losses()[:700])
     for clone in (pickle.loads(pickle.dumps(sched)), copy.deepcopy(sched)):
         assert clone.state_dict() == sched.state_dict()
+
+
+def test_a_budget_given_in_epochs_warns_with_the_updates_it_meant():
+    with pytest.warns(RuntimeWarning, match="total_updates=9000"):
+        AutoDecayLR(make_optimizer(), total_updates=90, updates_per_epoch=100)

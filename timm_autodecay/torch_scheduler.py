@@ -203,6 +203,11 @@ class AutoDecayLR(FollowsDetector, LRScheduler):
         self.detector = StageDetector(num_stages=num_stages, total_updates=total_updates,
                                       updates_per_epoch=updates_per_epoch, warmup_updates=warmup_updates,
                                       **detector_settings)
+        budget, epoch = self.detector.total_updates, self.detector.updates_per_epoch
+        if budget is not None and epoch is not None and budget < epoch:
+            warnings.warn(f"total_updates={budget} is less than one epoch (updates_per_epoch={epoch}): it counts "
+                          f"optimizer updates, not epochs ({budget} epochs are total_updates={budget * epoch})",
+                          RuntimeWarning, stacklevel=2)
         if self.min_lr and self.detector.decay_shape != "cooldown":
             raise ValueError(f"min_lr={min_lr!r} is the floor a cooldown anneals to; it needs "
                              "decay_shape='cooldown' (the step shape multiplies by decay_rate)")
