@@ -1,4 +1,4 @@
-"""Replay (DESIGN.md contract 6): loss files of every format, index semantics, the CLI."""
+"""Replay: loss files of every format, index semantics, the CLI."""
 import csv
 import json
 import math

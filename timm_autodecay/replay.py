@@ -1,12 +1,12 @@
 """Replay: run the detector over a loss series logged by a finished run.
 
-This is how users check settings on runs they already have (DESIGN.md, contract 6). Four kinds of
-file are read, recognised by their content:
+This is how users check settings on runs they already have. Four kinds of file are read, recognised
+by their content:
 
 - a JSON list of numbers: one loss per update;
 - any CSV: one loss per row from ``column`` (default ``train_loss``, else ``loss``);
 - a timm ``summary.csv`` (header ``epoch,train_loss,...``): one row per epoch, each row the mean of
-  ``updates_per_epoch`` updates;
+  ``updates_per_epoch`` updates; a resumed run's repeated epochs count once, by their last row;
 - a Transformers ``trainer_state.json``: each ``log_history`` entry with a ``loss`` is the mean of the
   updates since the previous such entry.
 
