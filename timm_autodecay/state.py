@@ -101,7 +101,8 @@ def validate(state: Dict[str, Any], settings: Dict[str, Any]) -> None:
     stages, update = settings["num_stages"], state["update"]
     _require(update >= 0, "update", "must be >= 0", update)
     _require(0 <= state["stage"] < stages, "stage", f"must be in [0, {stages})", state["stage"])
-    _require(0 <= state["stage_start"] <= update, "stage_start", f"must be in [0, update={update}]",
+    latest_start = max(update, settings["warmup_updates"])  # during warmup the first stage starts ahead
+    _require(0 <= state["stage_start"] <= latest_start, "stage_start", f"must be in [0, {latest_start}]",
              state["stage_start"])
     for key in ("nonfinite_losses", "nonfinite_streak", "bucket_count"):
         _require(state[key] >= 0, key, "must be >= 0", state[key])
