@@ -86,3 +86,12 @@ def test_a_bad_state_is_refused_naming_the_key_and_nothing_is_applied(break_it, 
 def test_a_state_that_is_not_a_dict_is_refused():
     with pytest.raises(StateError, match="must be a dict, got list"):
         make().load_state_dict([1, 2])
+
+
+def test_a_state_saved_during_warmup_resumes():
+    first = StageDetector(warmup_updates=50, total_updates=1000)
+    for _ in range(10):
+        first.observe(1.0)
+    resumed = StageDetector(warmup_updates=50, total_updates=1000)
+    resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
+    assert resumed.state_dict() == first.state_dict()
