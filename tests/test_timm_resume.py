@@ -202,3 +202,15 @@ def test_resuming_with_another_budget_names_epochs(tmp_path):
     train_py(tmp_path, make_args(**yaml_keys()))
     with pytest.raises(ValueError, match=r"total_updates=300 updates, 30 epochs.*200 updates, 20 epochs.*--epochs"):
         train_py(tmp_path / "b", resume_args(tmp_path / "checkpoint-3.pth.tar", epochs=20))
+
+
+def test_resume_during_timms_warmup(tmp_path):
+    """train.py's default --warmup-epochs is 5: a checkpoint inside the warmup resumes like any other."""
+    args = make_args(warmup_epochs=3, **yaml_keys())
+    unbroken = train_py(tmp_path / "a", args)
+    with pytest.raises(Crash):
+        train_py(tmp_path / "b", args, crash_at=(2, 4))
+    resumed = []
+    train_py(tmp_path / "b", resume_args(tmp_path / "b" / "checkpoint-1.pth.tar", warmup_epochs=3), batch_log=resumed)
+    assert [(b["update"], b["lrs"], b["loss"]) for b in resumed] == [
+        (b["update"], b["lrs"], b["loss"]) for b in unbroken["log"] if b["epoch"] >= 2]
