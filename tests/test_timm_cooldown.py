@@ -38,7 +38,9 @@ def test_the_cooldown_anneals_at_every_update_to_min_lr_then_ends_the_run(tmp_pa
     assert all(lrs[n] == pytest.approx(BASE_LR) for n in range(1, start + 1))
     # the run ends at the epoch boundary after the cooldown, within the budget
     assert log[-1]["update"] == -(-(start + length) // UPE) * UPE <= 30 * UPE
-    assert any("cooldown (linear) from LR 0.1 to 0.002 at every update" in r.getMessage() for r in caplog.records)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("cooldown (linear) from LR 0.1 to 0.002 at every update" in m for m in messages)
+    assert any(f"the cooldown ended at update {start + length}; no further batch" in m for m in messages)
 
 
 def test_timm_cooldown_and_decay_epochs_keep_their_meaning(tmp_path, caplog):

@@ -329,10 +329,11 @@ class AutoDecayScheduler(FollowsDetector, Scheduler):
             return
         self._stop_armed = True
         last = self.history[-1] if self.history else {}
-        message = (
-            f"AutoDecay: training ends after epoch {t - 1} ({t} epochs, {self.num_updates} updates): the last "
-            f"learning stage ended at update {last.get('update')} ({last.get('reason')}); "
-            f"no further batch is trained")
+        at, reason = last.get("update"), last.get("reason")
+        what = (f"the cooldown ended at update {at}" if reason == "cooldown" else
+                f"the last learning stage ended at update {at} ({reason})")
+        message = (f"AutoDecay: training ends after epoch {t - 1} ({t} epochs, {self.num_updates} updates): "
+                   f"{what}; no further batch is trained")
         arm_stop(self.optimizer, message, lambda: _logger.info(message) if is_primary() else None)
 
     # -- state -------------------------------------------------------------------------------
