@@ -39,11 +39,12 @@ from timm_autodecay.detector import SETTINGS
 class LMBenchmarkConfig:
     """The task (pinned), the comparison, and how many runs at once."""
 
-    train_files: list[str]
-    validation_files: list[str]
+    files: list[str]
     corpus_sha256: str
     corpus_dir: Optional[str] = None  # default: this Python's standard-library folder
     validation_chars: int = 204_800
+    validation_block: int = 4096
+    validation_every: int = 16
     context: int = 64
     n_layer: int = 2
     n_embd: int = 128
@@ -74,8 +75,9 @@ class LMBenchmarkConfig:
 class Peer:
     note: str  # why these settings, in one line
     settings: Callable  # (cfg, steps) -> RunSpec fields: trainer overrides, autodecay kwargs, milestones
-    lengths: str = "budget"  # "budget": one run; "frontier": one per frontier budget; "evaluated": one run
-    # evaluated at every frontier budget
+    # "budget": one run to the budget; "frontier": one run per frontier budget; "evaluated": one run to the
+    # budget, evaluated at every frontier budget
+    lengths: str = "budget"
     source: str = "scratch"  # "scratch", "trunk" (the constant-LR run others branch from) or "branch"
     paired: bool = False  # judged against the frontier at its own length
 
@@ -170,7 +172,7 @@ def check_config(cfg: LMBenchmarkConfig) -> None:
 
 def task_of(cfg: LMBenchmarkConfig) -> LMTask:
     values = {f.name: getattr(cfg, f.name) for f in fields(LMTask)}
-    return LMTask(**{**values, "train_files": tuple(cfg.train_files), "validation_files": tuple(cfg.validation_files)})
+    return LMTask(**{**values, "files": tuple(cfg.files)})
 
 
 def frontier_budgets(cfg: LMBenchmarkConfig) -> list[int]:
@@ -257,8 +259,9 @@ class InlineExecutor:
 
 def run_jobs(task: LMTask, jobs: list[Job], followups: Callable, processes: int, saved: Callable):
     """Yield (job, result, jobs added) as each job finishes, in a pool of `processes` workers ("spawn":
-    each starts its own torch; 1: in this process). A job starts once the jobs it needs are done, paired
-    runs first (their followups depend on them), then longest first; `saved(job)` may give its result
+    each starts its own torch; 1: in this process). A job starts once the jobs it needs are done: seed by
+    seed (a seed's numbers are complete early), paired runs first (their followups depend on them), then
+    longest first. `saved(job)` may give its result
     without training; `followups(result)` may add jobs (one whose key is already planned is skipped)."""
     pending = {job.key: job for job in jobs}
     planned, done, running = set(pending), set(), {}
@@ -266,7 +269,7 @@ def run_jobs(task: LMTask, jobs: list[Job], followups: Callable, processes: int,
     with pool:
         while pending or running:
             ready = sorted((j for j in pending.values() if set(j.needs) <= done),
-                           key=lambda j: (not PEERS[j.spec.peer].paired, -j.cost))
+                           key=lambda j: (j.spec.seed, not PEERS[j.spec.peer].paired, -j.cost))
             if not ready and not running:
                 raise RuntimeError(f"jobs wait for jobs never planned: {sorted(pending)}")
             for job in ready:
@@ -337,7 +340,8 @@ def main(argv=None) -> dict:
     cfg = load_config(argv)
     started = time.perf_counter()
     try:  # the pinned corpus, checked before any run starts
-        read_corpus(cfg.corpus_dir, cfg.train_files, cfg.validation_files, cfg.corpus_sha256, cfg.validation_chars)
+        read_corpus(cfg.corpus_dir, cfg.files, cfg.corpus_sha256, cfg.validation_chars, cfg.validation_block,
+                    cfg.validation_every)
     except CorpusError as error:
         sys.exit(f"lm_benchmark: error: {error}")
     results = train_all(cfg)

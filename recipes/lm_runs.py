@@ -31,10 +31,11 @@ class LMTask:
     """What every run shares: the corpus, the model, the optimiser's settings, the budget."""
 
     corpus_dir: Optional[str]
-    train_files: tuple
-    validation_files: tuple
+    files: tuple
     corpus_sha256: str
     validation_chars: int
+    validation_block: int
+    validation_every: int
     context: int
     n_layer: int
     n_embd: int
@@ -125,8 +126,8 @@ def shared_prefix(branch: list[float], trunk: list[float]) -> int:
 @functools.lru_cache(maxsize=2)
 def load_data(task: LMTask, seed: int):
     """The seed's training windows (budget_steps x batch_size, read in order) and the validation set."""
-    corpus = read_corpus(task.corpus_dir, list(task.train_files), list(task.validation_files),
-                         task.corpus_sha256, task.validation_chars)
+    corpus = read_corpus(task.corpus_dir, list(task.files), task.corpus_sha256, task.validation_chars,
+                         task.validation_block, task.validation_every)
     train = TrainWindows(corpus.train, task.context, task.budget_steps * task.batch_size, seed)
     return corpus, train, ValidationWindows(corpus.validation, task.context)
 

@@ -3,8 +3,11 @@ library's own sources, which every Python installation ships (nothing is downloa
 
 The corpus is a fixed list of modules read from this Python's standard-library folder and pinned by one
 SHA-256 over their bytes: another Python version ships other sources, and the run refuses to start
-rather than report numbers on a different task. Training and validation text come from disjoint modules.
-The vocabulary is the sorted set of characters of the corpus.
+rather than report numbers on a different task. The modules' text, concatenated, is cut into blocks of
+`validation_block` characters; every `validation_every`-th block is held out of training, and the first
+`validation_chars` held-out characters are the validation text: it samples every part of the corpus, as a
+random held-out split would, and no training window comes from it. The vocabulary is the sorted set of
+characters of the corpus.
 
 Data order is a pure function of (seed, step): step s trains on items 16s..16s+15 of `TrainWindows`,
 windows at offsets drawn once per seed, read sequentially. A run resumed from another run's checkpoint
@@ -43,7 +46,7 @@ def corpus_sha256(directory: Path, files: list[str]) -> str:
     for name in files:
         path = directory / name
         if not path.is_file():
-            raise CorpusError(f"corpus file {str(path)!r} (from train_files / validation_files) does not exist")
+            raise CorpusError(f"corpus file {str(path)!r} (from files) does not exist")
         digest.update(path.read_bytes())
     return digest.hexdigest()
 
@@ -61,27 +64,27 @@ def check_checksum(actual: str, expected: str, directory: Path, config_key: str 
     )
 
 
-def read_corpus(directory, train_files: list[str], validation_files: list[str], expected_sha256: str,
-                validation_chars: int) -> Corpus:
-    """The pinned corpus: training text (the train files, concatenated), the first `validation_chars`
-    characters of the validation files, and the vocabulary of both."""
+def read_corpus(directory, files: list[str], expected_sha256: str, validation_chars: int,
+                validation_block: int, validation_every: int) -> Corpus:
+    """The pinned corpus: every `validation_every`-th block of `validation_block` characters held out
+    (the first `validation_chars` of them are the validation text), the rest the training text."""
     directory = Path(directory) if directory else stdlib_dir()
-    overlap = sorted(set(train_files) & set(validation_files))
-    if overlap:
-        raise CorpusError(f"validation_files must be held out of train_files; both list {overlap}")
-    check_checksum(corpus_sha256(directory, train_files + validation_files), expected_sha256, directory)
-    train_text = "".join((directory / name).read_text(encoding="utf-8") for name in train_files)
-    held_out = "".join((directory / name).read_text(encoding="utf-8") for name in validation_files)
+    if validation_every < 2 or validation_block < 1:
+        raise CorpusError(f"validation_every must be >= 2 and validation_block >= 1, got {validation_every} "
+                          f"and {validation_block}")
+    check_checksum(corpus_sha256(directory, files), expected_sha256, directory)
+    text = "".join((directory / name).read_text(encoding="utf-8") for name in files)
+    blocks = [text[i:i + validation_block] for i in range(0, len(text), validation_block)]
+    held_out = "".join(blocks[validation_every - 1::validation_every])
     if len(held_out) < validation_chars:
-        raise CorpusError(
-            f"validation_chars={validation_chars} but validation_files hold only {len(held_out)} characters"
-        )
-    validation_text = held_out[:validation_chars]
-    vocabulary = "".join(sorted(set(train_text) | set(validation_text)))
+        raise CorpusError(f"validation_chars={validation_chars} but the held-out blocks (every "
+                          f"{validation_every}th of {validation_block} characters) hold only {len(held_out)}")
+    train_text = "".join(block for i, block in enumerate(blocks) if (i + 1) % validation_every)
+    vocabulary = "".join(sorted(set(text)))
     index = {char: i for i, char in enumerate(vocabulary)}
     return Corpus(
         train=torch.tensor([index[c] for c in train_text], dtype=torch.int16),
-        validation=torch.tensor([index[c] for c in validation_text], dtype=torch.int16),
+        validation=torch.tensor([index[c] for c in held_out[:validation_chars]], dtype=torch.int16),
         vocabulary=vocabulary,
         sha256=expected_sha256,
     )

@@ -19,37 +19,44 @@ from lm_report import acceptance, paired_rows  # noqa: E402
 from lm_task import CorpusError, corpus_sha256, read_corpus, stdlib_dir  # noqa: E402
 
 
+FILES = ["a.py", "b.py"]
+
+
 def write_corpus(folder: Path) -> dict:
-    """A tiny corpus of real text: slices of two standard-library modules, one held out."""
+    """A tiny corpus of real text: slices of two standard-library modules."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "train.py").write_text((stdlib_dir() / "argparse.py").read_text(encoding="utf-8")[:30_000])
-    (folder / "held_out.py").write_text((stdlib_dir() / "difflib.py").read_text(encoding="utf-8")[:4_000])
-    return {"directory": folder, "train_files": ["train.py"], "validation_files": ["held_out.py"],
-            "sha256": corpus_sha256(folder, ["train.py", "held_out.py"])}
+    (folder / "a.py").write_text((stdlib_dir() / "argparse.py").read_text(encoding="utf-8")[:20_000])
+    (folder / "b.py").write_text((stdlib_dir() / "difflib.py").read_text(encoding="utf-8")[:12_000])
+    return {"directory": folder, "files": FILES, "sha256": corpus_sha256(folder, FILES)}
 
 
 def test_a_different_corpus_is_refused_with_both_checksums(tmp_path):
-    corpus = write_corpus(tmp_path)
-    pinned = corpus["sha256"]
-    read = read_corpus(tmp_path, corpus["train_files"], corpus["validation_files"], pinned, 2048)
-    assert len(read.validation) == 2048 and len(read.train) == 30_000
+    pinned = write_corpus(tmp_path)["sha256"]
+    read_corpus(tmp_path, FILES, pinned, 2048, validation_block=512, validation_every=4)
 
-    with open(tmp_path / "train.py", "a") as file:  # another Python version: other sources
+    with open(tmp_path / "a.py", "a") as file:  # another Python version: other sources
         file.write("# one more line\n")
-    actual = corpus_sha256(tmp_path, ["train.py", "held_out.py"])
+    actual = corpus_sha256(tmp_path, FILES)
     with pytest.raises(CorpusError) as error:
-        read_corpus(tmp_path, corpus["train_files"], corpus["validation_files"], pinned, 2048)
+        read_corpus(tmp_path, FILES, pinned, 2048, validation_block=512, validation_every=4)
     message = str(error.value)
     assert pinned in message and actual in message
     assert f"--corpus_sha256 {actual}" in message  # how to proceed anyway
 
 
-def test_validation_text_is_held_out_and_long_enough(tmp_path):
+def test_validation_blocks_are_held_out_of_training(tmp_path):
     corpus = write_corpus(tmp_path)
-    with pytest.raises(CorpusError, match="held out"):
-        read_corpus(tmp_path, ["train.py", "held_out.py"], ["held_out.py"], corpus["sha256"], 2048)
+    read = read_corpus(tmp_path, FILES, corpus["sha256"], 2048, validation_block=512, validation_every=4)
+    text = "".join((tmp_path / name).read_text() for name in FILES)
+
+    def decode(ids):
+        return "".join(read.vocabulary[i] for i in ids.tolist())
+
+    assert decode(read.validation) == text[1536:2048] + text[3584:4096] + text[5632:6144] + text[7680:8192]
+    assert len(text) == 32_000 and len(read.train) == len(text) - 15 * 512  # blocks 3, 7, ..., 59 of 63 out
+    assert text[1536:2048] not in decode(read.train)
     with pytest.raises(CorpusError, match="validation_chars=10000"):
-        read_corpus(tmp_path, corpus["train_files"], corpus["validation_files"], corpus["sha256"], 10_000)
+        read_corpus(tmp_path, FILES, corpus["sha256"], 10_000, validation_block=512, validation_every=4)
 
 
 def run(peer, seed, steps, val_loss, max_steps=None):
@@ -90,8 +97,8 @@ def test_benchmark_smoke_on_a_tiny_corpus(tmp_path, capsys):
 
     corpus = write_corpus(tmp_path / "corpus")
     argv = ["--config", str(CONFIG), "--corpus_dir", str(corpus["directory"]),
-            "--train_files", *corpus["train_files"], "--validation_files", *corpus["validation_files"],
-            "--corpus_sha256", corpus["sha256"], "--validation_chars", "2048", "--n_embd", "32",
+            "--files", *corpus["files"], "--corpus_sha256", corpus["sha256"], "--validation_chars", "2048",
+            "--validation_block", "512", "--validation_every", "4", "--n_embd", "32",
             "--batch_size", "4", "--budget_steps", "40", "--warmup_steps", "2", "--logging_steps", "1",
             "--step_milestones", "14", "27", "--checkpoint_every", "8", "--frontier_fractions", "0.5", "1.0",
             "--schedules", "autodecay", "cosine", "wsd", "step", "constant", "--seeds", "0", "--jobs", "1",
