@@ -76,9 +76,10 @@ def test_the_pth_line_is_silent_once_the_checkout_is_gone(tmp_path):
 
 @pytest.mark.slow
 def test_startup_hook_is_lazy_and_registers_on_timm_import_and_only_there(tmp_path):
-    """What the installed .pth does: no torch/timm at start-up, train.py's import gets our names; without
-    the hook, importing the package registers nothing until ``register()``. Interpreters start without
-    site (``-S``) so that only this test's .pth runs, with the packages on sys.path."""
+    """What the installed .pth does: no torch/timm at start-up, registration when timm's scheduler package
+    is imported (also through our own module); without the hook, importing the package registers nothing
+    until ``register()``. Interpreters start without site (``-S``) so that only this test's .pth runs,
+    with the packages on sys.path."""
     constants = setup_constants()
     site_dir = tmp_path / "site"
     site_dir.mkdir()
@@ -87,16 +88,15 @@ def test_startup_hook_is_lazy_and_registers_on_timm_import_and_only_there(tmp_pa
     prelude = f"import site, sys; sys.path[:0] = {paths!r}; "
     probe = ("import timm.scheduler as s; "
              f"print(hasattr(s.create_scheduler_v2, {ORIGINAL!r}), hasattr(s.scheduler_kwargs, {ORIGINAL!r}))")
+    # the hook armed at start-up without importing torch or timm; our scheduler module imported first
+    # imports timm's scheduler package, which the hook registers in (train.py's order, timm first, is
+    # the one every in-process test runs in)
     hooked = run_python("-W", "error::RuntimeWarning", "-S", "-c", prelude + (
         f"site.addsitedir({str(site_dir)!r}); "
         "print(any(type(f).__name__ == '_TimmSchedulerFinder' for f in sys.meta_path), "
-        "'torch' in sys.modules, 'timm' in sys.modules); " + probe))
+        "'torch' in sys.modules, 'timm' in sys.modules); import timm_autodecay.timm_scheduler; " + probe))
     assert hooked.returncode == 0, hooked.stderr
-    assert hooked.stdout.split() == ["True", "False", "False", "True", "True"]  # as train.py imports them
-    # our scheduler module imported first: it imports timm's scheduler package, the hook registers then
-    first = run_python("-W", "error::RuntimeWarning", "-S", "-c", prelude + (
-        f"site.addsitedir({str(site_dir)!r}); import timm_autodecay.timm_scheduler; " + probe))
-    assert first.returncode == 0 and first.stdout.split() == ["True", "True"], first.stderr
+    assert hooked.stdout.split() == ["True", "False", "False", "True", "True"]
 
     explicit = run_python("-S", "-c", prelude + (
         "import timm_autodecay.timm_scheduler, timm_autodecay.timm_factory as f; " + probe + "; "
