@@ -214,3 +214,12 @@ def test_resume_during_timms_warmup(tmp_path):
     train_py(tmp_path / "b", resume_args(tmp_path / "b" / "checkpoint-1.pth.tar", warmup_epochs=3), batch_log=resumed)
     assert [(b["update"], b["lrs"], b["loss"]) for b in resumed] == [
         (b["update"], b["lrs"], b["loss"]) for b in unbroken["log"] if b["epoch"] >= 2]
+
+
+def test_a_run_never_writes_over_a_damaged_state_file(tmp_path, caplog):
+    """A new run in a folder whose autodecay_state.json cannot be read moves it aside, with a warning."""
+    (tmp_path / STATE_FILE).write_text('{"format": "timm-autodecay-state", "vers')
+    train_py(tmp_path, make_args(**yaml_keys(), epochs=3))
+    assert (tmp_path / f"{STATE_FILE}.damaged").read_text() == '{"format": "timm-autodecay-state", "vers'
+    assert json.loads((tmp_path / STATE_FILE).read_text())["entries"]
+    assert any("moved" in r.getMessage() and ".damaged" in r.getMessage() for r in caplog.records)
