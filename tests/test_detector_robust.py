@@ -1,6 +1,8 @@
 """Decisions a bad batch cannot move, and that no loss offset or scale can move."""
+import json
 import math
 import random
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -8,6 +10,7 @@ from hypothesis import strategies as st
 
 from loss_curves import stage_loss
 from timm_autodecay.detector import StageDetector
+from timm_autodecay.replay import replay_file
 
 SPIKES = (3.0, 1e3, 1e6, 0.0)  # times the loss; 0.0: what the Trainer's NaN filter may log
 
@@ -128,3 +131,20 @@ def test_any_affine_transform_changes_no_decision(values, exponent, offset, wind
                 break
         return out
     assert decisions(lambda v: v) == decisions(lambda v: v * 2.0**exponent + offset)
+
+
+REAL_RUN = Path(__file__).parent / "data" / "mnist1d_stepdecay_seed0_losses.json"  # MNIST-1D, StepDecay
+
+
+@pytest.mark.parametrize("scale, offset", [(1.0, 2.0), (1e-3, 0.0), (1e3, 0.0), (1.0, 1.0), (10.0, 5.0)])
+def test_replay_of_a_real_run_decides_alike_under_any_offset_and_scale(tmp_path, scale, offset):
+    """The first 2500 updates of a MNIST-1D StepDecay run (x0.1 at update 1250), replayed as a user
+    would replay a log. Label smoothing or an entropy floor add such an offset (1.0 and 2.0 are 5x
+    and 10x the loss at the end of the first stage)."""
+    losses = json.loads(REAL_RUN.read_text())
+    shifted = tmp_path / "shifted.json"
+    shifted.write_text(json.dumps([scale * v + offset for v in losses]))
+    shape = {"total_updates": 3750, "updates_per_epoch": 125}
+    reference = replay_file(REAL_RUN, **shape)["decisions"]
+    assert [(d["update"], d["action"]) for d in reference][:2] == [(1180, "decay"), (1940, "decay")]
+    assert replay_file(shifted, **shape)["decisions"] == reference
