@@ -43,7 +43,8 @@ from timm.scheduler.scheduler import Scheduler
 from .detector import SETTINGS, Decision, FollowsDetector, StageDetector, StateError, check_int
 from .timm_keys import FROM_RUN, PREFIX
 from .timm_loop import LOSS, NONFINITE, AutoDecayFinished, RankLosses, RunningMeanDecoder, arm_stop, is_primary
-from .timm_state import ENTRY_TAG, ENTRY_VERSION, STATE_FILE, StateFile, check_entry, find_entry, migrate_entry
+from .timm_state import (ENTRY_TAG, ENTRY_VERSION, STATE_FILE, WHAT_IT_IS, StateFile, check_entry, find_entry,
+                         migrate_entry, what_to_do)
 
 __all__ = ["AutoDecayFinished", "AutoDecayScheduler", "STATE_FILE"]
 
@@ -381,11 +382,13 @@ class AutoDecayScheduler(FollowsDetector, Scheduler):
                     f"({flag}); resume with the run's own settings")
         saved = state["detector"].get("settings")
         saved = saved if isinstance(saved, dict) else {}
-        upe = self.updates_per_epoch
+
+        def describe(updates: Optional[int]) -> str:
+            return "none" if updates is None else f"{updates} updates, {updates / self.updates_per_epoch:g} epochs"
+
         for key, flag in (("total_updates", "--epochs"), ("warmup_updates", "--warmup-epochs")):
             then, now = saved.get(key, getattr(self.detector, key)), getattr(self.detector, key)
             if then != now:
-                describe = (lambda v: "none" if v is None else f"{v} updates, {v / upe:g} epochs")  # noqa: E731
                 raise StateError(
                     f"AutoDecay: the saved state's run had {key}={describe(then)}, this one {describe(now)}: "
                     f"resume with the checkpoint's {flag}" + (" (and --warmup-prefix)" if self.warmup_prefix else ""))
@@ -406,10 +409,8 @@ class AutoDecayScheduler(FollowsDetector, Scheduler):
             folder = self.resume_from if os.path.isdir(self.resume_from) else os.path.dirname(self.resume_from)
             path = os.path.join(folder or ".", STATE_FILE)
         if not os.path.exists(path):
-            raise ValueError(
-                f"AutoDecay: cannot resume at epoch {t}: {path} does not exist; the stage, LR and detector "
-                f"state of an autodecay run are saved there, next to its checkpoints (the config key "
-                f"autodecay_state_file names another)")
+            raise ValueError(f"AutoDecay: cannot resume at epoch {t}: {path} does not exist. {WHAT_IT_IS} "
+                             f"{what_to_do(t)}.")
         entry = find_entry(path, t, self.optimizer.param_groups[0].get(ENTRY_TAG))
         if entry["state"].get("num_updates") != n:
             raise StateError(f"AutoDecay: {path}, entry for epoch {t}: 'num_updates' must be {n}, "

@@ -41,7 +41,7 @@ WHAT_IT_IS = ("It is AutoDecay's resume state (the learning stage, LR and detect
               "written next to train.py's checkpoints.")
 
 
-def _what_to_do(epoch: Optional[int]) -> str:
+def what_to_do(epoch: Optional[int]) -> str:
     at = f" at epoch {epoch}" if epoch is not None else ""
     return (f"To resume{at}, restore the file from a backup or point to a good copy with the config key "
             "autodecay_state_file: PATH (create_scheduler_v2(..., autodecay_state_file=PATH)); or start a new "
@@ -50,7 +50,7 @@ def _what_to_do(epoch: Optional[int]) -> str:
 
 
 def damaged(path: str, reason: str, epoch: Optional[int] = None) -> StateError:
-    return StateError(f"AutoDecay: cannot resume from {path}: {reason}. {WHAT_IT_IS} {_what_to_do(epoch)}.")
+    return StateError(f"AutoDecay: cannot resume from {path}: {reason}. {WHAT_IT_IS} {what_to_do(epoch)}.")
 
 
 def read_entries(path: str, epoch: Optional[int] = None) -> List[Dict[str, Any]]:
@@ -110,7 +110,7 @@ def find_entry(path: str, epoch: int, tag: Optional[str]) -> Dict[str, Any]:
             raise StateError(
                 f"AutoDecay: {path} holds no entry for this checkpoint (its optimizer state names entry {tag!r}, "
                 f"epoch {epoch}); the file holds entries for epochs {sorted({e['epoch'] for e in entries})}. "
-                f"Is it the state file of the checkpoint's run? {_what_to_do(epoch)}.")
+                f"Is it the state file of the checkpoint's run? {what_to_do(epoch)}.")
         if match[-1]["epoch"] != epoch:
             raise StateError(
                 f"AutoDecay: {path}: the checkpoint's entry {tag!r} is for epoch {match[-1]['epoch']}, but training "
@@ -121,7 +121,7 @@ def find_entry(path: str, epoch: int, tag: Optional[str]) -> Dict[str, Any]:
         raise StateError(
             f"AutoDecay: {path} holds no state for epoch {epoch} (it has epochs "
             f"{sorted({e['epoch'] for e in entries})}); resume from a checkpoint whose epoch it holds. "
-            f"{_what_to_do(epoch)}.")
+            f"{what_to_do(epoch)}.")
     return match[-1]
 
 
