@@ -24,6 +24,8 @@ from transformers import (  # noqa: E402
     get_scheduler,
 )
 
+# The step shape, for the tests of its mechanics (decays between stages), whatever the callback's default
+STEP = {"decay_shape": "step"}
 MAX_STEPS = 1500  # default window = 1500 / 3 / 5 = 100 steps = 10 logs of 10 steps
 LR = 3.0
 

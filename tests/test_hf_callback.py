@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from hf_trainer_tasks import (  # noqa: E402
     LR,
     MAX_STEPS,
+    STEP,
     LRRecorder,
     NoisyClassification,
     RankLossMLP,
@@ -38,14 +39,14 @@ def full_run(request, tmp_path_factory):
     """The uninterrupted run; with save_steps=105 the checkpoints fall between the logging steps."""
     out = tmp_path_factory.mktemp("full")
     recorder = LRRecorder()
-    trainer = user_trainer(out, [AutoDecayCallback(), recorder], save_steps=request.param)
+    trainer = user_trainer(out, [AutoDecayCallback(**STEP), recorder], save_steps=request.param)
     result = trainer.train()
     return {"out": out, "trainer": trainer, "result": result, "recorder": recorder, "save_steps": request.param,
             "callback": find_autodecay_callback(trainer)}
 
 
 @pytest.mark.slow
-def test_defaults_decay_and_stop_with_checkpoint(full_run):
+def test_stages_decay_and_the_last_stops_with_checkpoint(full_run):
     callback, trainer = full_run["callback"], full_run["trainer"]
     history = callback.history
     actions = [h["action"] for h in history]
@@ -94,7 +95,7 @@ def test_resume_mid_stage_continues_identically(full_run, tmp_path, restore):
     assert detector_state["stage"] == 1 and detector_state["points"]  # mid-stage, with a fit under way
 
     recorder = LRRecorder()
-    trainer = user_trainer(tmp_path, [AutoDecayCallback(), recorder], save_steps=save_steps,
+    trainer = user_trainer(tmp_path, [AutoDecayCallback(**STEP), recorder], save_steps=save_steps,
                            restore_callback_states_from_checkpoint=restore)
     trainer.train(resume_from_checkpoint=str(checkpoint))
     callback = find_autodecay_callback(trainer)
@@ -114,7 +115,7 @@ def test_resume_mid_stage_continues_identically(full_run, tmp_path, restore):
 @pytest.mark.slow
 def test_resume_from_a_checkpoint_without_autodecay(tmp_path):
     user_trainer(tmp_path, [StopAt(100)]).train()
-    trainer = user_trainer(tmp_path, [AutoDecayCallback()])
+    trainer = user_trainer(tmp_path, [AutoDecayCallback(**STEP)])
     with pytest.warns(UserWarning, match="holds no AutoDecay state"):
         trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-100"))
     callback = find_autodecay_callback(trainer)
@@ -146,7 +147,7 @@ def test_two_processes_decide_alike(tmp_path):
 def two_process_worker(out):
     """One rank of the two-process test: the same user-written run, its decisions and LRs to JSON."""
     recorder = LRRecorder()
-    trainer = user_trainer(Path(out).parent / "run", [AutoDecayCallback(), recorder], model_class=RankLossMLP,
+    trainer = user_trainer(Path(out).parent / "run", [AutoDecayCallback(**STEP), recorder], model_class=RankLossMLP,
                            per_device_train_batch_size=16, ddp_backend="gloo",
                            ddp_find_unused_parameters=False)
     trainer.train()
@@ -188,7 +189,7 @@ def test_unusable_trainer_setups_are_refused(tmp_path, overrides, message):
 
 
 def test_coarse_logging_warns_with_what_to_set(tmp_path):
-    trainer = user_trainer(tmp_path, [AutoDecayCallback(), StopAt(1)], logging_steps=500, save_strategy="no")
+    trainer = user_trainer(tmp_path, [AutoDecayCallback(**STEP), StopAt(1)], logging_steps=500, save_strategy="no")
     with pytest.warns(UserWarning, match=r"logging_steps=500 gives 0.2 loss logs per AutoDecay window of 100 "
                                          r"steps.*Set logging_steps <= 12"):
         trainer.train()

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from hf_trainer_tasks import MLP, EventRun, user_trainer  # noqa: E402
+from hf_trainer_tasks import MLP, STEP, EventRun, user_trainer  # noqa: E402
 
 from hf_integration import AutoDecayCallback, find_autodecay_callback  # noqa: E402
 
@@ -70,7 +70,7 @@ def test_a_run_whose_loss_turns_nan_stops_with_a_divergence_error(tmp_path, nan_
 @pytest.mark.slow
 def test_one_nan_batch_that_the_optimizer_skips_is_not_divergence(tmp_path):
     """Logging every step, the NaN batch is a whole log of non-finite losses: left out, not divergence."""
-    trainer = user_trainer(tmp_path, [AutoDecayCallback()], logging_steps=1, save_steps=NAN_FROM,
+    trainer = user_trainer(tmp_path, [AutoDecayCallback(**STEP)], logging_steps=1, save_steps=NAN_FROM,
                            model_class=lambda: NaNBatchMLP(only_once=True),
                            optimizer=lambda params: SkipNonFiniteSGD(params, lr=3.0))
     trainer.train()

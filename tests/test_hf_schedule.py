@@ -11,11 +11,11 @@ from transformers import TrainerCallback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from hf_trainer_tasks import LR, MLP, EventRun, LRRecorder, loss_logs, user_trainer  # noqa: E402
+from hf_trainer_tasks import LR, MLP, STEP, EventRun, LRRecorder, loss_logs, user_trainer  # noqa: E402
 
 from hf_integration import AutoDecayCallback, find_autodecay_callback  # noqa: E402
 
-BUDGET_ONLY = {"patience": 10**6}  # no plateau ever lasts this long: every stage ends at its budget share
+BUDGET_ONLY = {**STEP, "patience": 10**6}  # no plateau ever lasts this long: every stage ends at its budget share
 
 
 def falling(length=1500):
@@ -59,8 +59,8 @@ class FrozenFirstLayerMLP(MLP):
 @pytest.mark.slow
 def test_a_backbone_unfrozen_mid_run_is_decayed_with_the_rest(tmp_path):
     recorder = LRRecorder()
-    trainer = user_trainer(tmp_path, [AutoDecayCallback(), UnfreezeAt(100), recorder], model_class=FrozenFirstLayerMLP,
-                           save_strategy="no")
+    trainer = user_trainer(tmp_path, [AutoDecayCallback(**STEP), UnfreezeAt(100), recorder],
+                           model_class=FrozenFirstLayerMLP, save_strategy="no")
     trainer.train()
     history = find_autodecay_callback(trainer).history
     decays = [h["update"] for h in history if h["action"] == "decay"]
@@ -101,7 +101,7 @@ def test_a_scheduler_of_your_own_is_refused_with_what_composes(tmp_path, schedul
 
 
 def test_a_lambda_lr_of_your_own_composes(tmp_path):
-    trainer = user_trainer(tmp_path, [AutoDecayCallback()], optimizer=lambda p: torch.optim.SGD(p, lr=LR),
+    trainer = user_trainer(tmp_path, [AutoDecayCallback(**STEP)], optimizer=lambda p: torch.optim.SGD(p, lr=LR),
                            scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0),
                            max_steps=20, save_strategy="no")
     trainer.train()

@@ -31,18 +31,19 @@ def per_update_losses(seed, noise=0.02):
     return [v * (1.0 + noise * rng.gauss(0.0, 1.0)) for v in level], level
 
 
-def start(resume=None):
-    return EventRun(AutoDecayCallback(), max_steps=STEPS, logging_steps=LOGGING, save_steps=LOGGING, resume=resume)
+def start(resume=None, shape="step"):
+    return EventRun(AutoDecayCallback(decay_shape=shape), max_steps=STEPS, logging_steps=LOGGING,
+                    save_steps=LOGGING, resume=resume)
 
 
 def decisions(run):
     return [(h["update"], h["action"]) for h in run.callback.history]
 
 
-def spiked_decisions(clean, losses, level, at, factor):
+def spiked_decisions(clean, losses, level, at, factor, shape):
     """The run resumed from the clean run's checkpoint at step ``at`` with the next log spiked; None once
     its state is the clean run's again (from there on it is the clean run)."""
-    run = start(None if at == 0 else (at, clean.saved[at]))
+    run = start(None if at == 0 else (at, clean.saved[at]), shape)
     spike = math.nan if math.isnan(factor) else factor * level[at + LOGGING // 2]
     run.feed([spike] * LOGGING)
     step = at + LOGGING
@@ -54,18 +55,18 @@ def spiked_decisions(clean, losses, level, at, factor):
     return decisions(run)
 
 
-def spike_grid(seeds, every=1, positions=None):
+def spike_grid(seeds, every=1, positions=None, shape="step"):
     """Spiked runs of each seed with the log after step ``at`` spiked, for ``at`` in ``positions`` or every
     ``every``-th log before the clean run's last decision: [(seed, at, outlier, clean, spiked decisions)]."""
     outcomes = []
     for seed in seeds:
         losses, level = per_update_losses(seed)
-        clean = start()
+        clean = start(shape=shape)
         clean.feed(losses)
         reference = decisions(clean)
         for at in positions or range(0, reference[-1][0] - LOGGING, LOGGING * every):
             for name, factor in OUTLIERS.items():
-                outcomes.append((seed, at, name, reference, spiked_decisions(clean, losses, level, at, factor)))
+                outcomes.append((seed, at, name, reference, spiked_decisions(clean, losses, level, at, factor, shape)))
     return outcomes
 
 
@@ -86,17 +87,23 @@ def check(outcomes):
     return moved
 
 
-def test_clean_run_ends_every_stage_at_its_budget_share():
+CLEAN = {"step": [(1000, "decay"), (2000, "decay"), (3000, "finish")],
+         "cooldown": [(2400, "cooldown"), (3000, "finish")]}  # stable to 80% of the budget, then cooling down
+
+
+@pytest.mark.parametrize("shape", sorted(CLEAN))
+def test_clean_run_ends_every_stage_at_its_budget_share(shape):
     losses, _ = per_update_losses(0)
-    run = start()
+    run = start(shape=shape)
     run.feed(losses)
-    assert decisions(run) == [(1000, "decay"), (2000, "decay"), (3000, "finish")]
+    assert decisions(run) == CLEAN[shape]
 
 
-def test_one_bad_log_early_mid_stage_and_at_a_boundary_moves_nothing():
+@pytest.mark.parametrize("shape", sorted(CLEAN))
+def test_one_bad_log_early_mid_stage_and_at_a_boundary_moves_nothing(shape):
     """Where it hurt: early in stage 0, mid stage 1 (a loss of 5 at update 1200 ended stage 1 at 1288 and
     the run 700 updates early), in the log that ends stage 1 at its budget, late in the last stage."""
-    outcomes = spike_grid(seeds=(0,), positions=(200, 1200, 1990, 2700))
+    outcomes = spike_grid(seeds=(0,), positions=(200, 1200, 1990, 2390, 2700), shape=shape)
     assert not [o for o in outcomes if o[4] is not None and o[4] != o[3] and o[2] != "nan-filter"], outcomes
     check(outcomes)
 

@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from hf_trainer_tasks import LR, MAX_STEPS, EventRun, StopAt, loss_logs, user_trainer  # noqa: E402
+from hf_trainer_tasks import LR, MAX_STEPS, STEP, EventRun, StopAt, loss_logs, user_trainer  # noqa: E402
 
 from hf_integration import AutoDecayCallback, find_autodecay_callback  # noqa: E402
 
@@ -25,13 +25,13 @@ def plateau_stream(length=MAX_STEPS):
 
 @pytest.fixture(scope="module")
 def saved_entry():
-    run = EventRun(AutoDecayCallback(), max_steps=MAX_STEPS, save_steps=SAVED_AT)
+    run = EventRun(AutoDecayCallback(**STEP), max_steps=MAX_STEPS, save_steps=SAVED_AT)
     run.feed(plateau_stream(SAVED_AT))
     return json.loads(run.saved[SAVED_AT])
 
 
 def test_a_saved_entry_resumes_as_saved(saved_entry):
-    run = EventRun(AutoDecayCallback(), max_steps=MAX_STEPS, resume=(SAVED_AT, json.dumps(saved_entry)))
+    run = EventRun(AutoDecayCallback(**STEP), max_steps=MAX_STEPS, resume=(SAVED_AT, json.dumps(saved_entry)))
     assert run.callback.detector.state_dict() == saved_entry["attributes"]["detector_state"]
     assert saved_entry["attributes"]["detector_state"]["version"] == 2
 
@@ -67,7 +67,7 @@ DETECTOR = "attributes.detector_state"
 def test_a_damaged_entry_is_refused_whole_naming_the_key(saved_entry, path, value, message):
     damaged = copy.deepcopy(saved_entry)
     _set(damaged, path, value)
-    callback = AutoDecayCallback()
+    callback = AutoDecayCallback(**STEP)
     with pytest.raises(ValueError, match=message) as raised:
         EventRun(callback, max_steps=MAX_STEPS, resume=(SAVED_AT, json.dumps(damaged)))
     said = str(raised.value)
@@ -101,12 +101,11 @@ def test_a_checkpoint_of_release_0_1_0_resumes(tmp_path, restore):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("restore", [False, True], ids=["plain-resume", "restore_callback_states"])
-def test_trying_an_older_checkpoint_leaves_a_later_one_resumable(tmp_path, restore):
+def test_trying_an_older_checkpoint_leaves_a_later_one_resumable(tmp_path):
     """Resume from checkpoint-100 into the run's own folder (it rewrites checkpoint-200), stop at 250, then
     resume the same Trainer and callback from the run's last checkpoint before its end: it ends as the
     uninterrupted run did."""
-    full = user_trainer(tmp_path / "full", [AutoDecayCallback()])
+    full = user_trainer(tmp_path / "full", [AutoDecayCallback(**STEP)])
     full.train()
     history, stop = find_autodecay_callback(full).history, full.state.global_step
     later = max(s for s in range(100, stop, 100))
@@ -114,7 +113,7 @@ def test_trying_an_older_checkpoint_leaves_a_later_one_resumable(tmp_path, resto
     shutil.copytree(tmp_path / "full", work)
 
     halt = StopAt(250)
-    trainer = user_trainer(work, [AutoDecayCallback(), halt], restore_callback_states_from_checkpoint=restore)
+    trainer = user_trainer(work, [AutoDecayCallback(**STEP), halt])
     trainer.train(resume_from_checkpoint=str(work / "checkpoint-100"))
     assert trainer.state.global_step == 250 and (work / "checkpoint-250").exists()
     halt.step = 10**9
