@@ -201,3 +201,13 @@ def test_observing_after_finish_is_an_error():
     assert detector.finished and detector.history[-1]["action"] == "finish"
     with pytest.raises(RuntimeError, match="ended"):
         detector.observe(1.0)
+
+
+def test_updates_without_a_loss_are_not_judged_but_the_budget_still_holds():
+    detector = StageDetector(num_stages=3, total_updates=300, window=20)
+    for update in range(50):
+        detector.observe(2.0 - update / 100)  # still falling
+    assert detector.skip(40).action == "continue"  # missing information is never a plateau
+    assert detector.skip(10).action == "decay" and detector.history[-1] == {
+        "update": 100, "action": "decay", "stage": 0, "reason": "budget"}
+    assert detector.nonfinite_losses == 0

@@ -270,6 +270,21 @@ class StageDetector:
             return Decision("continue", self.stage, self.update, "non-finite loss ignored")
         return self._test_plateau(age)
 
+    def skip(self, count: int) -> Decision:
+        """Advance the clock by ``count`` updates that carry no loss (missing information, e.g. the
+        rest of an epoch whose running mean a NaN batch spoiled): never judged, but budget boundaries
+        and the cooldown's end still fall where they are due."""
+        count = check_int("count", count, 1)
+        if self.finished:
+            raise RuntimeError("the last stage has ended; training should have stopped")
+        self.update += count
+        if self.in_cooldown:
+            return self._cooldown_step()
+        age = self.update - self.stage_start
+        if self.update > self.warmup_updates and self.stage_budget is not None and age >= self.stage_budget - ROUNDING:
+            return self._end_stage("budget", {"age": age})
+        return Decision("continue", self.stage, self.update, "no loss")
+
     def _count_nonfinite(self, losses: int) -> None:
         if not self.nonfinite_losses:
             warnings.warn(

@@ -291,13 +291,13 @@ class AutoDecayScheduler(FollowsDetector, Scheduler):
             self._log_decision(decision)
 
     def _skip(self, count: int) -> None:
-        """Advance the detector's clock by ``count`` updates that carry no loss (it has no call for
-        that: its state holds the clock)."""
+        """Advance the detector's clock by ``count`` updates that carry no loss."""
         if count <= 0:
             return
-        state = self.detector.state_dict()
-        state["update"] += count
-        self.detector.load_state_dict(state)
+        decision = self.detector.skip(count)
+        self.last_decision = decision
+        if decision.changed and is_primary():
+            self._log_decision(decision)
 
     def _log_decision(self, decision: Decision) -> None:
         epoch = decision.update / self.updates_per_epoch
