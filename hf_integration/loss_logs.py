@@ -2,8 +2,8 @@
 
 The Trainer logs ``loss`` = the sum of the per-update losses since the previous log over the number of
 updates, and ``grad_norm`` = the gradient norm of the last update alone. With its default
-``logging_nan_inf_filter=True`` a non-finite loss is not added; in its place goes the running sum so far
-divided by the updates so far plus one (``trainer.py``, ``_inner_training_loop``). So:
+``logging_nan_inf_filter=True`` a non-finite loss is not added; in its place goes the running sum since the
+previous log divided by the updates since then, this one included (``Trainer._inner_training_loop``). So:
 
 * every update since the previous log non-finite: the running sum stays 0 and the log says ``loss 0.0``,
   with a non-finite ``grad_norm`` (the gradients of a non-finite loss are non-finite);
