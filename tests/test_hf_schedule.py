@@ -100,6 +100,7 @@ def test_a_scheduler_of_your_own_is_refused_with_what_composes(tmp_path, schedul
     assert "LambdaLR" in said and absent not in said
 
 
+@pytest.mark.slow
 def test_a_lambda_lr_of_your_own_composes(tmp_path):
     trainer = user_trainer(tmp_path, [AutoDecayCallback(**STEP)], optimizer=lambda p: torch.optim.SGD(p, lr=LR),
                            scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0),
