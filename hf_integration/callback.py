@@ -9,9 +9,9 @@ How it works
   The detector needs at least ``min_points`` (8) loss logs per window; at train start the callback warns,
   with the values to set, when ``logging_steps`` is too coarse for that. A loss log is also asked for at
   every budget boundary and at the end of a cooldown, so they hold exactly under any logging interval.
-* **Non-finite losses.** A log that may hold non-finite losses (``hf_integration.loss_logs``) is left out;
-  no checkpoint is written at a step whose gradient was non-finite; two logs in a row holding only
-  non-finite losses stop the run with ``FloatingPointError`` (it has diverged).
+* **Non-finite losses.** A log that may hold non-finite losses (``hf_integration.loss_logs``) is left out
+  of the detector's input; at a step whose gradient was non-finite no decision is taken and no checkpoint
+  is written; two logs in a row holding only non-finite losses stop the run with ``FloatingPointError``.
 * **Schedule.** The Trainer's scheduler is a ``LambdaLR`` (``lr = base_lr * lambda(step)``). AutoDecay sets
   its ``base_lrs`` (``hf_integration.lambda_lr``): a decay multiplies them by ``decay_rate``, and with
   ``decay_shape="cooldown"`` the last stage's end starts a cooldown during which they follow the detector's
@@ -261,34 +261,39 @@ class AutoDecayCallback(TrainerCallback, ExportableState):
             return control
         log = read_loss_log(logs)
         self._divergence.update(state.global_step, log)  # raises once the run has diverged
-        if not log.trusted:
-            self._leave_out(state, control, log, logs, extra)
-            return control
-        decision = self.detector.observe(log.loss, count)
+        if log.trusted:
+            decision = self.detector.observe(log.loss, count)
+        else:
+            self._leave_out(state, control, log, extra)
+            if log.weights_suspect:  # no decision while the weights may be NaN: the steps wait for the next log
+                self._annotate(state, logs, extra)
+                return control
+            decision = self.detector.skip(count)  # the run recovered: the clock runs on, the loss is unknown
         self.last_decision = decision
         if decision.changed:
             extra["autodecay/decision"] = decision.action
             extra["autodecay/reason"] = decision.reason
         self._annotate(state, logs, extra)
+        self._act(args, control, decision, extra["autodecay/stage"])
+        return control
+
+    def _act(self, args, control, decision: Decision, stage: int) -> None:
         if decision.action in ("decay", "cooldown"):
             old = self._scheduler.get_last_lr()[0]
-            self._apply_lr(state.global_step)
+            self._apply_lr(decision.update)
             what = (f"learning rate {old:.4g} -> {self._scheduler.get_last_lr()[0]:.4g}" if decision.action == "decay"
                     else f"cooling down to {self.min_lr:g} over {self.detector.cooldown_updates} steps")
-            logger.info(f"AutoDecay: stage {extra['autodecay/stage']} ended at step {decision.update} "
-                        f"({decision.reason}); {what}")
+            logger.info(f"AutoDecay: stage {stage} ended at step {decision.update} ({decision.reason}); {what}")
         elif decision.action == "finish":
             logger.info(f"AutoDecay: the run ended at step {decision.update} ({decision.reason}); stopping")
             control.should_training_stop = True
             if setting_name(args.save_strategy) != "no":
                 control.should_save = True
-        return control
 
-    def _leave_out(self, state, control, log, logs, extra) -> None:
-        """A log whose loss may hold the NaN filter's substitutes: not observed (its steps count with the
-        next log), and no checkpoint of possibly non-finite weights."""
+    def _leave_out(self, state, control, log, extra) -> None:
+        """A log whose loss may hold non-finite losses or the NaN filter's substitutes is not observed; no
+        checkpoint is written at its step when its last gradient was non-finite (the weights may be NaN)."""
         extra["autodecay/ignored"] = log.describe()
-        self._annotate(state, logs, extra)
         vetoed = ""
         if log.weights_suspect and control.should_save:
             control.should_save = False

@@ -13,10 +13,11 @@ previous log divided by the updates since then, this one included (``Trainer._in
 
 A non-finite gradient at the last update may also be a mixed-precision overflow that the grad scaler
 skips (the weights stay finite), and one bad batch is not divergence. Hence the rules: a log whose loss
-is non-finite or whose gradient norm is, is left out of the detector's input (its updates are counted
-with the next log), and no checkpoint is written at its step when the gradient was non-finite (the
-weights may be NaN). Two logs in a row in which every loss was non-finite and the last gradient too mean
-the run has diverged.
+is non-finite or whose gradient norm is, is left out of the detector's input. If its last gradient was
+finite (the run recovered inside the interval), the detector's clock still runs over its updates, so
+budget boundaries and the cooldown's end hold. If not, its updates wait for the next log, no decision is
+taken on it and no checkpoint is written at its step (the weights may be NaN). Two logs in a row in which
+every loss was non-finite and the last gradient too mean the run has diverged.
 """
 from __future__ import annotations
 

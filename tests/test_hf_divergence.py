@@ -110,3 +110,16 @@ def test_nan_losses_take_no_decision_even_across_a_budget_boundary(nan_filter, s
         run.feed([math.nan] * 100)
     assert run.callback.history == [] and run.state.global_step == stop
     assert run.logs[500]["autodecay/ignored"] and "autodecay/decision" not in run.logs[500]
+
+
+def test_a_nan_batch_the_run_recovers_from_keeps_the_budget_boundary():
+    """The NaN filter off, one NaN loss at step 495 and a finite gradient by step 500 (the batch was
+    skipped): the log at 500 is NaN, its loss unknown, but stage 0 still ends at its budget share, 500."""
+    run = EventRun(AutoDecayCallback(**STEP, patience=10_000), max_steps=1500, nan_filter=False)
+    losses = [1.0 - i / 2000 for i in range(1500)]
+    losses[494] = math.nan
+    run.feed(losses)
+    assert math.isnan(run.logs[500]["loss"]) and run.logs[500]["autodecay/ignored"]
+    assert [(h["update"], h["reason"]) for h in run.callback.history] == [(500, "budget"), (1000, "budget"),
+                                                                            (1500, "budget")]
+    assert run.callback.detector.nonfinite_losses == 0  # left out, not counted as losses
