@@ -62,6 +62,7 @@ DEFAULT_DECAY_SHAPE = "step"  # the shape when decay_shape is not passed (settin
 
 __all__ = ["AutoDecayCallback", "find_autodecay_callback"]
 
+
 def find_autodecay_callback(trainer) -> "AutoDecayCallback":
     """The trainer's AutoDecayCallback (after a resume with ``restore_callback_states_from_checkpoint``
     the Trainer holds a new object, not the one passed in ``callbacks``)."""
