@@ -211,3 +211,12 @@ def test_updates_without_a_loss_are_not_judged_but_the_budget_still_holds():
     assert detector.skip(10).action == "decay" and detector.history[-1] == {
         "update": 100, "action": "decay", "stage": 0, "reason": "budget"}
     assert detector.nonfinite_losses == 0
+
+
+@pytest.mark.parametrize("total, warmup, expected", [(1000, 0, [334, 667, 1000]), (1000, 7, [338, 669, 1000]),
+                                                     (3750, 0, [1250, 2500, 3750])])
+def test_budget_boundaries_fall_on_the_nominal_milestones_and_the_run_ends_on_the_budget(total, warmup, expected):
+    detector = StageDetector(total_updates=total, warmup_updates=warmup)
+    while not detector.finished:
+        detector.observe(2.0 - detector.update / 1e4)  # still falling: only the budget ends stages
+    assert [h["update"] for h in detector.history] == expected

@@ -348,7 +348,9 @@ class StageDetector:
             self._start_cooldown()
         else:
             self.stage += 1
-            self.stage_start = self.update
+            # a budget end starts the next stage at the nominal boundary, so a late observation (coarse
+            # logging) or rounding never pushes later boundaries, nor the run's end, past the budget
+            self.stage_start = self.stage_start + self.stage_budget if reason == "budget" else self.update
             self._reset_stage()
         return Decision(action, self.stage, self.update, reason, evidence)
 
