@@ -87,6 +87,7 @@ def check_grid(outcomes, bucket_size):
         f"{len(moved)} of {len(outcomes)} spiked runs move a decision by more than two buckets, e.g. {moved[:5]}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("run", [SchedulerRun, ReplayRun], ids=["AutoDecayLR", "replay"])
 def test_spike_grid_every_tenth_bucket_two_seeds(run):
     outcomes = spike_grid(Face(run), seeds=(0, 1), every=10)

@@ -85,6 +85,7 @@ def test_one_bad_batch_mid_stage_keeps_the_budget_decisions():
     assert spiked.decisions == clean.decisions == [(1000, "decay"), (2000, "decay"), (3000, "finish")]
 
 
+@pytest.mark.slow
 def test_spike_grid_every_25th_bucket_one_seed():
     outcomes = spike_grid(Face(), seeds=(0,), every=25)
     assert len(outcomes) >= 4 * 14
