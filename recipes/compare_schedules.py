@@ -3,7 +3,7 @@
     accelerate launch recipes/compare_schedules.py --config recipes/configs/benchmark_peers.yaml \
         [--tasks mnist1d mnist1d_noisy] [--seeds 0 1 ...] [--schedules step autodecay ...] [--key value]
 
-Trains every schedule in `schedules` (see `peer_schedules.PEERS`: StepDecay, AutoDecay, cosine,
+Trains every schedule in `schedules` (see `engine/peers.py`, PEERS: StepDecay, AutoDecay, cosine,
 ReduceLROnPlateau, timm's plateau scheduler, dlib's slope test, SASA+, and the oracle) for every
 seed in `seeds` (StepDecay: `baseline_seeds` when given), on every task in `tasks`, all on the same
 budget (`epochs`). The runs are independent, so they run whole in a pool of `jobs` worker processes
@@ -27,14 +27,15 @@ import matplotlib
 import numpy as np
 import torch
 from accelerate import Accelerator
+from engine.config import load_config
+from engine.loop import train_run
+from engine.oracle import choose_oracle, oracle_curve, oracle_search
+from engine.peers import PEERS
+from engine.study import run_in_pool
+from engine.tasks import TASKS
+from engine.train_config import TrainConfig
 from matplotlib.figure import Figure
 from tqdm.auto import tqdm
-
-from peer_schedules import PEERS, POLICIES, choose_oracle, oracle_curve, oracle_search
-from training import TASKS, TrainConfig, load_config, run_in_pool, train_run
-
-# name -> the TrainConfig settings that make a schedule train_run knows; "step" is the baseline.
-COMPARED_SCHEDULES = {name: peer.settings for name, peer in PEERS.items() if peer.kind == "train_run"}
 
 
 @dataclass
@@ -42,8 +43,9 @@ class CompareConfig(TrainConfig):
     """The shared training settings plus what to compare and how many runs at once."""
 
     output_dir: str = "runs/compare_schedules"
-    schedules: list[str] = field(
-        default_factory=lambda: list(COMPARED_SCHEDULES), metadata={"choices": tuple(PEERS)}
+    schedules: list[str] = field(  # names in PEERS; "step" is the baseline
+        default_factory=lambda: ["step", "autodecay", "cosine", "plateau_p10", "plateau_p3"],
+        metadata={"choices": tuple(PEERS)},
     )
     tasks: list[str] = field(default_factory=list, metadata={"choices": tuple(TASKS)})  # empty: [task]
     seeds: list[int] = field(default_factory=lambda: [0, 1])
@@ -61,13 +63,7 @@ def train_compared_schedule(job: tuple) -> dict:
     name; for the oracle, one seed's whole grid search. `job` is (name, cfg) or (name, cfg, grid)."""
     name, cfg, *grid = job
     torch.set_num_threads(1)
-    peer = PEERS[name]
-    if peer.kind == "oracle":
-        result = oracle_search(cfg, *grid)
-    elif peer.kind == "loop":
-        result = train_run(replace(cfg, schedule="constant"), Accelerator(), POLICIES[name](**peer.settings))
-    else:
-        result = train_run(cfg, Accelerator())
+    result = train_run(cfg) if PEERS[name].schedule else oracle_search(cfg, *grid)
     return {**result, "schedule": name, "task": cfg.task}
 
 
@@ -175,7 +171,7 @@ def results_table(rows: list[dict]) -> str:
 
 
 def acceptance(rows: list[dict]) -> dict:
-    """The issue's checks for AutoDecay: the peers both more accurate (by more than one sd: the larger
+    """The checks on AutoDecay: the peers both more accurate (by more than one sd: the larger
     of the two schedules' sds) and shorter, and the fraction of the oracle's saving captured."""
     by_name = {row["schedule"]: row for row in rows}
     auto = by_name.get("autodecay")
@@ -246,7 +242,8 @@ def main():
         for name in cfg.schedules:
             seeds = cfg.baseline_seeds if name == "step" and cfg.baseline_seeds else cfg.seeds
             for seed in seeds:
-                run_cfg = replace(base, **COMPARED_SCHEDULES.get(name, {}), task=task, seed=seed,
+                schedule = name if PEERS[name].schedule else base.schedule
+                run_cfg = replace(base, schedule=schedule, task=task, seed=seed,
                                   output_dir=str(task_dir / name / f"seed{seed}"))
                 runs.append((name, run_cfg, *grid) if name == "oracle" else (name, run_cfg))
     runs.sort(key=lambda job: job[0] != "oracle")  # the longest jobs first

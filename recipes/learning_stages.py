@@ -31,9 +31,11 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 import torch
+from engine.config import load_config
+from engine.loop import make_accelerator, train_run
+from engine.study import run_in_pool, write_study
+from engine.train_config import TrainConfig
 from matplotlib.figure import Figure
-
-from training import TrainConfig, load_config, make_accelerator, run_in_pool, train_run, write_study
 
 METHODS = ("sgd_step", "gd_step", "autodecay")
 METHOD_LABELS = {"sgd_step": "SGD, StepDecay", "gd_step": "full-batch GD, StepDecay", "autodecay": "SGD, AutoDecay",
@@ -57,7 +59,8 @@ class LearningStagesConfig(TrainConfig):
 def method_config(cfg: LearningStagesConfig, method: str, seed: int) -> TrainConfig:
     """The TrainConfig of one run."""
     shared = {f.name: getattr(cfg, f.name) for f in fields(TrainConfig)}
-    run = TrainConfig(**{**shared, "verbose": False, "seed": seed, "output_dir": str(Path(cfg.output_dir) / method / f"seed{seed}")})
+    output_dir = str(Path(cfg.output_dir) / method / f"seed{seed}")
+    run = TrainConfig(**{**shared, "verbose": False, "seed": seed, "output_dir": output_dir})
     if method == "sgd_step":
         return replace(run, schedule="step")
     if method == "autodecay":
@@ -98,14 +101,14 @@ def run_one(job: tuple[str, TrainConfig]) -> dict:
     """One run (in a pool worker or in this process), labelled with its method."""
     method, cfg = job
     torch.set_num_threads(1)
-    return {**train_run(cfg, make_accelerator(cfg)), "method": method}
+    return {**train_run(cfg), "method": method}
 
 
 def run_all(jobs: list, processes: int, accelerator):
     """Under several processes the runs are data-parallel, one after the other; else whole runs in a pool."""
     if accelerator.num_processes > 1:
         for method, cfg in jobs:
-            yield {**train_run(cfg, accelerator), "method": method}
+            yield {**train_run(cfg), "method": method}
         return
     yield from run_in_pool(run_one, jobs, processes)
 
@@ -168,7 +171,8 @@ def results_table(runs: list[dict], methods: list[str]) -> str:
             ratios = ", ".join("-" if d["loss_ratio"] is None else f"{d['loss_ratio']:.2f}" for d in decays)
             lines.append(
                 f"| {METHOD_LABELS.get(method, method) if j == 0 else ''} | {len(mine) if j == 0 else ''} "
-                f"| {accuracy if j == 0 else ''} | {j + 1} | {epochs} | {_mean([d['loss_ratio'] for d in decays])} ({ratios}) "
+                f"| {accuracy if j == 0 else ''} | {j + 1} | {epochs} "
+                f"| {_mean([d['loss_ratio'] for d in decays])} ({ratios}) "
                 f"| {_mean([d['acc_jump_pp'] for d in decays])} ({_mean([d['acc_trend_pp'] for d in decays])}) |"
             )
     return "\n".join(lines)
@@ -181,7 +185,9 @@ def train_methods(cfg, accelerator) -> list[dict]:
     results = []
     for run in run_all(jobs, min(cfg.jobs, len(jobs)), accelerator):
         results.append(run)
-        accelerator.print(f"  {run['method']} seed {run['seed']}: {run['test_top1']:.2f}% in {run['wall_seconds']:.0f} s")
+        accelerator.print(
+            f"  {run['method']} seed {run['seed']}: {run['test_top1']:.2f}% in {run['wall_seconds']:.0f} s"
+        )
     return sorted(results, key=lambda run: (cfg.methods.index(run["method"]), run["seed"]))
 
 

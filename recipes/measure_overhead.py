@@ -24,9 +24,11 @@ import time
 
 import torch
 import torch.nn.functional as F
+from engine.models import make_model_and_optimizer
+from engine.tasks import TASKS
+from engine.train_config import TrainConfig
 
 from timm_autodecay import AutoDecayLR
-from training import TASKS, TrainConfig, make_model_and_optimizer
 
 UPDATES_PER_EPOCH = 125
 TOTAL_UPDATES = 3750

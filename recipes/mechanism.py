@@ -2,7 +2,7 @@
 
     accelerate launch recipes/mechanism.py --config recipes/configs/mechanism.yaml [--key value]
 
-Task `synthetic_patterns` (see `training.make_synthetic_patterns`): every image carries its class's
+Task `synthetic_patterns` (see `engine/tasks.py`, `make_synthetic_patterns`): every image carries its class's
 complex cue (a fine arrangement of small strokes), and a fraction `easy_fraction` of the training
 images also its easy cue (a uniform colour). Two test subsets hold one cue each: `easy_only` (the
 class's colour, random strokes) and `complex_only` (the class's strokes, a random class's colour).
@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import matplotlib
-from matplotlib.figure import Figure
-
+from engine.config import load_config
+from engine.loop import make_accelerator
+from engine.study import write_study
 from learning_stages import METHOD_LABELS, LearningStagesConfig, train_methods
-from training import load_config, make_accelerator, write_study
+from matplotlib.figure import Figure
 
 METHODS = ("sgd_step", "gd_step", "constant")
 SUBSETS = ("test_top1", "test_top1_easy_only", "test_top1_complex_only")
@@ -70,9 +71,10 @@ def mechanism_table(runs: list[dict], methods: list[str]) -> str:
         mine = [run for run in runs if run["method"] == method]
         for k in range(max((len(run["stages"]) for run in mine), default=0)):
             stages = [run["stages"][k] for run in mine if len(run["stages"]) > k]
-            previous = [run["stages"][k - 1]["end_test_top1_complex_only"] if k else 10.0 for run in mine if len(run["stages"]) > k]
+            previous = [run["stages"][k - 1]["end_test_top1_complex_only"] if k else 10.0
+                        for run in mine if len(run["stages"]) > k]
 
-            def mean(key):
+            def mean(key, stages=stages):
                 values = [stage[key] for stage in stages if key in stage]
                 return statistics.mean(values) if values else float("nan")
 

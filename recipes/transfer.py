@@ -38,12 +38,13 @@ from pathlib import Path
 import matplotlib
 import torch
 import torch.nn.functional as F
+from engine.config import ConfigError, config_from_dict, load_config
+from engine.evaluation import evaluate_all
+from engine.loop import make_accelerator, train_run
+from engine.models import extract_features, make_model_and_optimizer, model_from_checkpoint
+from engine.tasks import make_task
+from engine.train_config import TrainConfig
 from matplotlib.figure import Figure
-
-from training import (
-    ConfigError, TrainConfig, config_from_dict, evaluate_all, extract_features, load_config, make_accelerator,
-    make_model_and_optimizer, make_task, model_from_checkpoint, train_run,
-)
 
 METHODS = ("linear_probe", "finetune")
 METHOD_LABELS = {"linear_probe": "linear probe", "finetune": "fine-tune"}
@@ -155,14 +156,14 @@ def linear_probe(features: dict, num_classes: int, l2: float, steps: int) -> flo
         return 100.0 * ((test_x @ weight + bias).argmax(1) == test_y).double().mean().item()
 
 
-def finetune(target_cfg: TrainConfig, cfg: TransferConfig, init_from: str, seed: int, output_dir: Path, accelerator) -> float:
+def finetune(target_cfg: TrainConfig, cfg: TransferConfig, init_from: str, seed: int, output_dir: Path) -> float:
     """Top-1 (%) after fine-tuning every weight from `init_from` ("" : random init) on the target."""
     run_cfg = replace(
         target_cfg, init_from=init_from, seed=seed, epochs=cfg.finetune_epochs, lr=cfg.finetune_lr,
         schedule=cfg.finetune_schedule, milestones=[max(1, cfg.finetune_epochs // 2)], output_dir=str(output_dir),
         save_stage_ends=False, checkpoint_every=0, resume=False, resume_from="", stop_after_epoch=0, verbose=False,
     )
-    return train_run(run_cfg, accelerator)["test_top1"]
+    return train_run(run_cfg)["test_top1"]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -178,7 +179,8 @@ def summarise(results: list[dict], targets: list[str], methods: list[str]) -> di
     target top-1 over the (source run, seed) pairs, and `minus_last`: its paired difference (points) to the
     last stage's of the same source run, seed, target and method (source runs vary more than stages)."""
     stages = sorted({r["stage"] for r in results if r["stage"] != "init"})
-    last = {(r["source_run"], r["seed"], r["target"], r["method"]): r["top1"] for r in results if stages and r["stage"] == stages[-1]}
+    last = {(r["source_run"], r["seed"], r["target"], r["method"]): r["top1"]
+            for r in results if stages and r["stage"] == stages[-1]}
 
     def entry(stage):
         mine = [r for r in results if r["stage"] == stage]
@@ -225,14 +227,18 @@ def transfer_table(summary: dict, targets: list[str], methods: list[str]) -> str
         cells = [_cell(row["targets"][t].get(m)) for t in targets for m in methods]
         label = "random init" if row["stage"] == "init" else str(row["stage"])
         lines.append(f"| {label} | {epochs} | {_cell(row['source_top1'])} | " + " | ".join(cells) + " |")
-    count = max((len(cell["values"]) for row in rows for t in row["targets"].values() for cell in t.values()), default=0)
+    every_cell = [cell for row in rows for t in row["targets"].values() for cell in t.values()]
+    count = max((len(cell["values"]) for cell in every_cell), default=0)
     lines.append(f"\nTop-1 (%), mean ± sd over {count} (source run, seed) pairs.")
-    paired = [row for row in rows if any(cell.get("minus_last") for t in row["targets"].values() for cell in t.values())]
+    paired = [row for row in rows
+              if any(cell.get("minus_last") for t in row["targets"].values() for cell in t.values())]
     if paired:
         last = summary["stages"][-1]["stage"]
-        lines += ["", f"| minus stage {last} (paired, points) | " + " | ".join(columns) + " |", "|---" * (1 + len(columns)) + "|"]
+        lines += ["", f"| minus stage {last} (paired, points) | " + " | ".join(columns) + " |",
+                  "|---" * (1 + len(columns)) + "|"]
         for row in paired:
-            cells = [_cell(row["targets"][t].get(m, {}).get("minus_last"), signed=True) for t in targets for m in methods]
+            cells = [_cell(row["targets"][t].get(m, {}).get("minus_last"), signed=True)
+                     for t in targets for m in methods]
             lines.append(f"| {'random init' if row['stage'] == 'init' else row['stage']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -280,7 +286,7 @@ def study(cfg: TransferConfig, accelerator) -> dict:
         jobs = []
         for seed in cfg.seeds:
             run_dir = output_dir / "source" / f"seed{seed}"
-            summary = train_run(train_config(cfg, seed=seed, output_dir=str(run_dir), verbose=False), accelerator)
+            summary = train_run(train_config(cfg, seed=seed, output_dir=str(run_dir), verbose=False))
             accelerator.print(f"source seed {seed}: {summary['test_top1']:.2f}% after {summary['epochs']:g} epochs, "
                               f"stage ends at epochs {[round(end['epoch'], 2) for end in summary['stage_ends']]}")
             jobs.append((str(run_dir), seed))
@@ -299,10 +305,12 @@ def study(cfg: TransferConfig, accelerator) -> dict:
             checkpoints.append(("init", None, ""))
         for stage, epoch, path in checkpoints:
             if path:
-                model = model_from_checkpoint(run_cfg, source_task.num_classes, path, "source_runs").to(accelerator.device)
+                model = model_from_checkpoint(run_cfg, source_task.num_classes, path, "source_runs")
+                model = model.to(accelerator.device)
                 source_top1 = evaluate_all(model, source_task, run_cfg, accelerator)["test_top1"]
             else:
-                model, _ = make_model_and_optimizer(replace(run_cfg, seed=seed, init_from="", pretrained=False), source_task.num_classes)
+                init_cfg = replace(run_cfg, seed=seed, init_from="", pretrained=False)
+                model, _ = make_model_and_optimizer(init_cfg, source_task.num_classes)
                 source_top1 = None
             for name, target_cfg in targets.items():
                 target_cfg = replace(target_cfg, model=run_cfg.model)
@@ -313,11 +321,13 @@ def study(cfg: TransferConfig, accelerator) -> dict:
                     top1 = linear_probe(features, target_data[name].num_classes, cfg.probe_l2, cfg.probe_steps)
                     results.append({**record, "method": "linear_probe", "top1": top1})
                 if "finetune" in cfg.methods:
-                    run_name = f"run{cfg.source_runs.index(run_dir)}" if run_dir in cfg.source_runs else Path(run_dir).name
+                    in_list = run_dir in cfg.source_runs
+                    run_name = f"run{cfg.source_runs.index(run_dir)}" if in_list else Path(run_dir).name
                     folder = output_dir / "finetune" / name / run_name / f"stage{stage}" / f"seed{seed}"
-                    top1 = finetune(target_cfg, cfg, path, seed, folder, accelerator)
+                    top1 = finetune(target_cfg, cfg, path, seed, folder)
                     results.append({**record, "method": "finetune", "top1": top1})
-            shown = ", ".join(f"{r['target']} {r['method']} {r['top1']:.1f}" for r in results[-len(targets) * len(cfg.methods):])
+            latest = results[-len(targets) * len(cfg.methods):]
+            shown = ", ".join(f"{r['target']} {r['method']} {r['top1']:.1f}" for r in latest)
             source_text = f"source {source_top1:.1f}%, " if source_top1 is not None else ""
             accelerator.print(f"{run_dir} stage {stage} seed {seed}: {source_text}{shown}")
 

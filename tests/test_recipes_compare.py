@@ -1,4 +1,5 @@
-"""Smoke tests of `recipes/compare_schedules.py`, run as users run it: a subprocess, tiny settings."""
+"""`recipes/compare_schedules.py`: smoke tests run as users run it (a subprocess, tiny settings), its
+config errors, the oracle's search and dlib's slope test."""
 import json
 import os
 import subprocess
@@ -8,6 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "recipes"))
 RECIPE = ROOT / "recipes" / "compare_schedules.py"
 CONFIG = ROOT / "recipes" / "configs" / "compare_schedules.yaml"
 RUN_KEYS = {"schedule", "seed", "test_top1", "epochs", "updates", "decay_epochs", "wall_seconds", "curves"}
@@ -25,6 +27,7 @@ def run_recipe(*overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_compare_schedules_writes_results_and_plot(tmp_path):
     finished = run_recipe(
         "--epochs", "2", "--seeds", "0", "--schedules", "step", "autodecay", "--jobs", "1",
@@ -48,24 +51,23 @@ def test_compare_schedules_writes_results_and_plot(tmp_path):
     assert "| autodecay | 1 |" in finished.stdout
 
 
+@pytest.mark.slow  # imports the recipe (timm, Accelerate): seconds
 @pytest.mark.parametrize(
     "override, message",
     [(["--epoch", "2"], "'epoch'"), (["--epochs", "two"], "epochs: invalid value 'two'"),
      (["--schedules", "step", "linear"], "schedules: invalid value 'linear'")],
 )
-def test_compare_schedules_rejects_bad_config(tmp_path, override, message):
-    finished = run_recipe(*override, "--output_dir", str(tmp_path))
-    assert finished.returncode == 2
-    assert message in finished.stderr
-    assert not (tmp_path / "results.json").exists()
+def test_compare_schedules_rejects_bad_config(override, message, capsys):
+    from compare_schedules import CompareConfig
+    from engine.config import load_config
+
+    with pytest.raises(SystemExit) as stopped:
+        load_config(CompareConfig, ["--config", str(CONFIG), *override])
+    assert stopped.value.code == 2
+    assert message in capsys.readouterr().err
 
 
-# ------------------------------------------------------------------------------------------------
-# Peers and the oracle (issue 7)
-# ------------------------------------------------------------------------------------------------
-sys.path.insert(0, str(ROOT / "recipes"))
-
-
+@pytest.mark.slow
 def test_peers_and_oracle_end_to_end(tmp_path):
     finished = run_recipe(
         "--epochs", "3", "--seeds", "0", "--jobs", "1", "--checkpoint_every", "0", "--save_stage_ends", "false",
@@ -91,9 +93,10 @@ def test_peers_and_oracle_end_to_end(tmp_path):
     assert (tmp_path / "pareto.png").stat().st_size > 0 and (tmp_path / "results.md").exists()
 
 
+@pytest.mark.slow
 def test_oracle_search_shares_prefixes():
-    from peer_schedules import choose_oracle, oracle_search
-    from training import TrainConfig
+    from engine.oracle import choose_oracle, oracle_search
+    from engine.train_config import TrainConfig
 
     result = oracle_search(TrainConfig(num_samples=2000), [1, 2], [1], [1, 2])
     assert set(result["grid"]) == {"1,2,3", "1,2,4", "2,3,4", "2,3,5"}
@@ -105,7 +108,7 @@ def test_oracle_search_shares_prefixes():
 
 def test_slope_test_counts():
     import numpy as np
-    from peer_schedules import count_steps_without_decrease
+    from engine.slope_test import count_steps_without_decrease
 
     rng = np.random.default_rng(0)
     falling = np.linspace(2.0, 1.0, 400) + rng.normal(0, 0.02, 400)
@@ -117,27 +120,29 @@ def test_slope_test_counts():
     assert count_steps_without_decrease(spiked, quantile_discard=0.1) < 50  # the robust one is not
 
 
-def test_slope_policy_decays_then_ends():
+def test_slope_test_decays_then_ends():
     import torch
-    from types import SimpleNamespace
-    from peer_schedules import SlopeTestPolicy
+    from engine.slope_test import SlopeTest
 
     optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
-    policy = SlopeTestPolicy(threshold_epochs=1)
-    policy.make_optimizer(None, optimizer, SimpleNamespace(decay_rate=0.1, num_stages=3), updates_per_epoch=50)
+    schedule = SlopeTest(decay_rate=0.1, num_stages=3, threshold_epochs=1)
+    schedule.start(optimizer, updates_per_epoch=50, total_updates=2000)
     noise = torch.randn(2000, generator=torch.Generator().manual_seed(0))
     lrs, ended = [], None
     for update, value in enumerate(noise):
-        if policy.after_update(1.0 + 0.01 * value):
+        if schedule.after_update(1.0 + 0.01 * value):
             ended = update
             break
         lrs.append(optimizer.param_groups[0]["lr"])
     assert sorted(set(lrs), reverse=True) == pytest.approx([0.1, 0.01, 0.001])
+    assert schedule.stage == 2  # two decays; the third plateau ends the run
     assert ended is not None and ended >= 3 * 50 * 0.5
 
 
+@pytest.mark.slow  # generates MNIST-1D
 def test_noisy_mnist1d_flips_train_labels_only():
-    from training import TASKS, TrainConfig
+    from engine.tasks import TASKS
+    from engine.train_config import TrainConfig
 
     clean, noisy = TASKS["mnist1d"](TrainConfig()), TASKS["mnist1d_noisy"](TrainConfig())
     flipped = (clean.train_targets != noisy.train_targets).float().mean().item()

@@ -27,6 +27,7 @@ def run(*command: str, timeout: int = 300) -> subprocess.CompletedProcess:
     return finished
 
 
+@pytest.mark.slow
 def test_learning_stages_smoke(tmp_path):
     finished = run(
         sys.executable, str(RECIPES / "learning_stages.py"), "--config", str(CONFIGS / "learning_stages.yaml"),
@@ -49,6 +50,7 @@ def test_learning_stages_smoke(tmp_path):
     assert "| SGD, StepDecay |" in finished.stdout
 
 
+@pytest.mark.slow  # imports the recipe (timm, Accelerate): seconds
 def test_transition_ratio_definition():
     from learning_stages import transition
 
@@ -61,6 +63,7 @@ def test_transition_ratio_definition():
     assert transition(curves, 7.0, before=5, after=2)["loss_ratio"] is None  # run too short after
 
 
+@pytest.mark.slow
 def test_mechanism_smoke(tmp_path):
     run(
         sys.executable, str(RECIPES / "mechanism.py"), "--config", str(CONFIGS / "mechanism.yaml"),
@@ -77,39 +80,44 @@ def test_mechanism_smoke(tmp_path):
     assert "complex-only" in (tmp_path / "mechanism.md").read_text()
 
 
-def test_two_processes_full_batch(tmp_path):
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_two_processes_full_batch(tmp_path, torchrun):
     """Full-batch GD data-parallel over 2 processes (gloo): equal micro-batches, one update per epoch."""
-    run(
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        str(RECIPES / "train.py"), "--num_samples", "1000", "--epochs", "3", "--milestones", "2", "--full_batch",
-        "--grad_accum_steps", "4", "--output_dir", str(tmp_path), "--verbose", "false",
+    finished = torchrun(
+        RECIPES / "train.py", "--num_samples", "1000", "--epochs", "3", "--milestones", "2", "--full_batch",
+        "--grad_accum_steps", "4", "--output_dir", str(tmp_path), "--verbose", "false", env=ENV,
     )
+    assert finished.returncode == 0, finished.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["updates"] == 3 and summary["updates_per_epoch"] == 1 and summary["decay_epochs"] == [2.0]
     assert len((tmp_path / "metrics.jsonl").read_text().splitlines()) == 3
     assert (tmp_path / "checkpoint" / "model.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_full_batch_needs_equal_micro_batches(tmp_path):
-    from accelerate import Accelerator
-    from training import ConfigError, TrainConfig, train_run
+    from engine.config import ConfigError
+    from engine.loop import train_run
+    from engine.train_config import TrainConfig
 
     cfg = TrainConfig(num_samples=1000, full_batch=True, grad_accum_steps=7, output_dir=str(tmp_path))
     with pytest.raises(ConfigError, match="grad_accum_steps"):
-        train_run(cfg, Accelerator())
+        train_run(cfg)
 
 
+@pytest.mark.slow
 def test_resume_continues_exactly(tmp_path):
-    """A run stopped after epoch 2 and resumed matches one that never stopped, decays and stage ends included."""
-    from accelerate import Accelerator
-    from training import TrainConfig, train_run
+    """A run stopped after epoch 3 and resumed matches one that never stopped, decays and stage ends included."""
+    from engine.loop import train_run
+    from engine.train_config import TrainConfig
 
     shared = dict(num_samples=1000, batch_size=100, epochs=4, milestones=[2], verbose=False)
-    whole = train_run(TrainConfig(**shared, schedule="step", output_dir=str(tmp_path / "whole")), Accelerator())
+    whole = train_run(TrainConfig(**shared, schedule="step", output_dir=str(tmp_path / "whole")))
     broken = TrainConfig(**shared, schedule="step", output_dir=str(tmp_path / "broken"), stop_after_epoch=3)
-    first = train_run(broken, Accelerator())
+    first = train_run(broken)
     assert not first["complete"] and len(first["curves"]) == 3
-    resumed = train_run(TrainConfig(**{**broken.__dict__, "stop_after_epoch": 0, "resume": True}), Accelerator())
+    resumed = train_run(TrainConfig(**{**broken.__dict__, "stop_after_epoch": 0, "resume": True}))
     assert resumed["resumed"] and resumed["complete"]
     strip = lambda curves: [{k: v for k, v in line.items() if k != "seconds"} for line in curves]  # noqa: E731
     assert strip(resumed["curves"]) == strip(whole["curves"])
@@ -125,21 +133,27 @@ def make_imagenet_like(folder: Path, per_split: dict) -> Path:
     import numpy as np
     from PIL import Image
 
-    features = datasets.Features({"image": datasets.Image(), "label": datasets.ClassLabel(names=["tench", "goldfish", "shark"])})
+    labels = datasets.ClassLabel(names=["tench", "goldfish", "shark"])
+    features = datasets.Features({"image": datasets.Image(), "label": labels})
     rng = np.random.default_rng(0)
     for split, count in per_split.items():
         images = [Image.fromarray(rng.integers(0, 255, (40, 48, 3), dtype=np.uint8)) for _ in range(count)]
-        dataset = datasets.Dataset.from_dict({"image": images, "label": [i % 3 for i in range(count)]}, features=features)
+        columns = {"image": images, "label": [i % 3 for i in range(count)]}
+        dataset = datasets.Dataset.from_dict(columns, features=features)
         (folder / "data").mkdir(parents=True, exist_ok=True)
         dataset.to_parquet(str(folder / "data" / f"{split}-00000-of-00001.parquet"))
     return folder
 
 
-@pytest.mark.parametrize("config, streaming", [("imagenet_resnet50_step.yaml", "false"), ("imagenet_resnet50_autodecay.yaml", "true")])
+@pytest.mark.slow
+@pytest.mark.parametrize("config, streaming", [("imagenet_resnet50_step.yaml", "false"),
+                                               ("imagenet_resnet50_autodecay.yaml", "true")])
 def test_imagenet_config_on_local_data(tmp_path, config, streaming):
     """The ImageNet configs' code path (hub task, timm transforms, timm model, checkpoints), with the
     dataset, model and sizes overridden to run here."""
-    from training import TrainConfig, load_config, make_accelerator, train_run
+    from engine.config import load_config
+    from engine.loop import train_run
+    from engine.train_config import TrainConfig
 
     data = make_imagenet_like(tmp_path / "tiny_imagenet", {"train": 24, "validation": 9})
     cfg = load_config(TrainConfig, [
@@ -149,19 +163,21 @@ def test_imagenet_config_on_local_data(tmp_path, config, streaming):
         "--eval_batch_size", "4", "--output_dir", str(tmp_path / "run"), "--verbose", "false",
     ])
     assert cfg.task == "hub" and cfg.momentum == 0.9 and cfg.weight_decay == 1e-4 and cfg.lr_reference_batch == 256
-    summary = train_run(cfg, make_accelerator(cfg))
+    summary = train_run(cfg)
     assert summary["updates_per_epoch"] == 3 and 0 <= summary["test_top1"] <= 100
     assert summary["epochs"] <= 2 and (tmp_path / "run" / "checkpoint" / "model.safetensors").exists()
     assert (tmp_path / "run" / "stage_ends" / "stage0").is_dir()
 
 
+@pytest.mark.slow  # imports the engine (timm, MNIST-1D): seconds
 @pytest.mark.parametrize(
     "argv, message",
     [(["--learning_rate", "0.1"], "'learning_rate'"), (["--model", "resnet5000"], "model: invalid value 'resnet5000'"),
      (["--mixed_precision", "fp8"], "mixed_precision: invalid value 'fp8'"), (["--epochs"], "epochs: missing value")],
 )
 def test_bad_config_names_the_key(argv, message, capsys):
-    from training import TrainConfig, load_config
+    from engine.config import load_config
+    from engine.train_config import TrainConfig
 
     with pytest.raises(SystemExit):
         load_config(TrainConfig, argv)

@@ -24,17 +24,18 @@ REST = "{name: rest, classes: [5, 6, 7, 8, 9]}"
 @pytest.fixture(scope="module")
 def source_run(tmp_path_factory) -> Path:
     """A tiny StepDecay run on MNIST-1D digits 0-4 with two stage-end checkpoints (epochs 1 and 2)."""
-    from accelerate import Accelerator
-    from training import TrainConfig, train_run
+    from engine.loop import train_run
+    from engine.train_config import TrainConfig
 
     folder = tmp_path_factory.mktemp("source")
     torch.set_num_threads(1)
     cfg = TrainConfig(num_samples=600, classes=[0, 1, 2, 3, 4], batch_size=50, epochs=2, milestones=[1],
                       checkpoint_every=0, verbose=False, output_dir=str(folder))
-    train_run(cfg, Accelerator())
+    train_run(cfg)
     return folder
 
 
+@pytest.mark.slow
 def test_full_path(source_run, tmp_path):
     """Given run folders: every stage's source top-1 (equal to the run's own evaluation at that epoch, so
     the checkpoint was loaded whole), probe and fine-tune per target and seed, summary, table and figure."""
@@ -71,22 +72,24 @@ def test_full_path(source_run, tmp_path):
     assert (out / "transfer.png").stat().st_size > 0
 
 
+@pytest.mark.slow
 def test_offline_config_trains_its_source(tmp_path):
     """The shipped offline pair's config, shrunk: the source is trained here, then transferred."""
     import transfer
 
     out = tmp_path / "offline"
-    result = transfer.main(["--config", str(CONFIGS / "transfer_offline.yaml"), *TINY, "--epochs", "2", "--milestones", "1",
-                            "--seeds", "0", "--methods", "linear_probe", "--output_dir", str(out)])
+    result = transfer.main(["--config", str(CONFIGS / "transfer_offline.yaml"), *TINY, "--epochs", "2",
+                            "--milestones", "1", "--seeds", "0", "--methods", "linear_probe", "--output_dir", str(out)])
     assert (out / "source" / "seed0" / "stage_ends" / "stage1" / "model.safetensors").exists()
     assert [stage["stage"] for stage in result["stages"]] == [0, 1]
     assert set(result["stages"][0]["targets"]) == {"digits5-9", "digits5-9_500"}
     assert {r["method"] for r in result["results"]} == {"linear_probe"}
 
 
+@pytest.mark.slow  # imports the recipe (timm, Accelerate): seconds
 def test_paper_config_parses():
     """The ImageNet config: four hub targets, each a TrainConfig on top of the shared keys."""
-    from training import load_config
+    from engine.config import load_config
     from transfer import TransferConfig, target_configs
 
     cfg = load_config(TransferConfig, ["--config", str(CONFIGS / "transfer.yaml")])
@@ -97,8 +100,10 @@ def test_paper_config_parses():
     assert cfg.source_runs == ["runs/imagenet_resnet50_step", "runs/imagenet_resnet50_autodecay"]
 
 
+@pytest.mark.slow
 def test_init_from_keeps_features_and_replaces_the_classifier(source_run):
-    from training import TrainConfig, make_model_and_optimizer
+    from engine.models import make_model_and_optimizer
+    from engine.train_config import TrainConfig
 
     checkpoint = source_run / "stage_ends" / "stage0"
     model, _ = make_model_and_optimizer(TrainConfig(init_from=str(checkpoint), seed=3), num_classes=7)
@@ -109,8 +114,11 @@ def test_init_from_keeps_features_and_replaces_the_classifier(source_run):
     assert model[-1].weight.shape == (7, 128)  # a fresh classifier for the 7 target classes
 
 
+@pytest.mark.slow  # generates MNIST-1D
 def test_classes_subset_relabels():
-    from training import ConfigError, TrainConfig, make_task
+    from engine.config import ConfigError
+    from engine.tasks import make_task
+    from engine.train_config import TrainConfig
 
     task = make_task(TrainConfig(num_samples=600, classes=[7, 2], train_subset=40))
     assert task.num_classes == 2 and len(task.train_targets) == 40
@@ -127,16 +135,19 @@ def error_of(argv) -> str:
     return str(stopped.value)
 
 
+@pytest.mark.slow
 def test_missing_checkpoint_is_named(source_run, tmp_path):
     broken = tmp_path / "broken_run"
     shutil.copytree(source_run, broken)
     (broken / "stage_ends" / "stage1" / "model.safetensors").unlink()
     message = error_of(["--source_runs", str(broken), "--targets", REST, *TINY, "--output_dir", str(tmp_path / "o")])
     assert "source_runs" in message and "stage 1" in message and str(broken / "stage_ends" / "stage1") in message
-    message = error_of(["--source_runs", str(tmp_path / "nowhere"), "--targets", REST, *TINY, "--output_dir", str(tmp_path / "o")])
+    nowhere = str(tmp_path / "nowhere")
+    message = error_of(["--source_runs", nowhere, "--targets", REST, *TINY, "--output_dir", str(tmp_path / "o")])
     assert "no summary.json in" in message and "nowhere" in message
 
 
+@pytest.mark.slow
 def test_target_without_label_column_is_named(source_run, tmp_path):
     """A local dataset (parquet, read by `datasets`) whose labels are in another column."""
     import datasets
@@ -151,10 +162,12 @@ def test_target_without_label_column_is_named(source_run, tmp_path):
         datasets.Dataset.from_dict({"image": images, "category": [0, 1, 0, 1]}, features=features).to_parquet(
             str(tmp_path / "pics" / "data" / f"{split}-00000-of-00001.parquet"))
     target = f"{{name: pics, task: hub, dataset: {tmp_path / 'pics'}, test_split: test}}"
-    message = error_of(["--source_runs", str(source_run), "--targets", target, *TINY, "--output_dir", str(tmp_path / "o")])
+    output = str(tmp_path / "o")
+    message = error_of(["--source_runs", str(source_run), "--targets", target, *TINY, "--output_dir", output])
     assert "targets (pics)" in message and "label_column: no column 'label'" in message and "category" in message
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target, expected", [
     ("{name: a, lr: 0.5}", "targets[0] (a): lr cannot be set per target"),
     ("{name: a, colour: red}", "targets[0] (a): unknown config key 'colour'"),

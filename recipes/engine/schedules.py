@@ -1,0 +1,191 @@
+"""One interface for every learning-rate schedule the recipes' loop trains with.
+
+The loop knows only `Schedule` and never a schedule's name:
+
+- `make_optimizer(model, cfg)`: the optimizer (SGD from the config; a peer that owns its optimizer
+  builds its own);
+- `start(optimizer, updates_per_epoch, total_updates)`: once the run's shape is known, before the first
+  update (`total_updates` is the budget, `epochs x updates_per_epoch`);
+- `after_update(loss)` after every optimizer step (the update's mean loss, a 0-dim tensor on the
+  device) and `after_epoch(epochs_done, train_loss, metrics)` after every evaluation: how the LR
+  evolves and what the schedule observes; either returns True to end the run there;
+- `stage`: the number of stages ended so far; the loop marks (and checkpoints) a stage end when it grows;
+- `evaluation(model, batches)`: a context the loop evaluates in (most schedules: nothing to do);
+- `state_dict()` / `load_state_dict()`: what a checkpoint keeps so that a resumed run continues exactly;
+- `summary()`: what the schedule adds to the run's `summary.json`.
+
+Variation by overriding, as in timm's `scheduler/`: a per-epoch schedule overrides `after_epoch` and
+leaves `after_update` alone. The peers that are not plain LR schedules (dlib's slope test, SASA+,
+schedule-free) live in `slope_test.py` and `optimizer_schedules.py`; `peers.py` names them all.
+"""
+import contextlib
+import warnings
+
+from torch.optim.lr_scheduler import CosineAnnealingLR, MultiStepLR, ReduceLROnPlateau
+
+from timm_autodecay import AutoDecayLR
+
+from .optimizers import sgd_optimizer
+
+
+def current_lr(optimizer) -> float:
+    """The learning rate of the optimizer's first param group (every group follows the same schedule)."""
+    return optimizer.param_groups[0]["lr"]
+
+
+def scale_lr(optimizer, factor: float) -> None:
+    """Multiply every param group's learning rate by `factor` (as `MultiStepLR` computes a decay)."""
+    for group in optimizer.param_groups:
+        group["lr"] = group["lr"] * factor
+
+
+class Schedule:
+    """A constant learning rate, and the interface every schedule keeps (see the module docstring)."""
+
+    def __init__(self):
+        self.stage = 0
+        self.optimizer = self.scheduler = None  # the scheduler, if any, is checkpointed with the schedule
+        self.updates_per_epoch = self.total_updates = None
+        self._last_lr = None  # the LR seen after the previous hook: a lower one ends a stage
+
+    def make_optimizer(self, model, cfg):
+        return sgd_optimizer(model, cfg)
+
+    def start(self, optimizer, updates_per_epoch: int, total_updates: int) -> None:
+        self.optimizer, self.updates_per_epoch, self.total_updates = optimizer, updates_per_epoch, total_updates
+        self._last_lr = current_lr(optimizer)
+
+    def after_update(self, loss) -> bool:
+        return False
+
+    def after_epoch(self, epochs_done: int, train_loss: float, metrics: dict) -> bool:
+        return False
+
+    def evaluation(self, model, batches):
+        return contextlib.nullcontext()
+
+    def summary(self) -> dict:
+        return {}
+
+    def state_dict(self) -> dict:
+        state = {"stage": self.stage, "last_lr": self._last_lr}
+        if self.scheduler is not None:
+            state["scheduler"] = self.scheduler.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.stage, self._last_lr = state["stage"], state["last_lr"]
+        if self.scheduler is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+
+    def count_decay(self) -> None:
+        """For schedules that decay in steps: an LR below the last one seen ends a stage."""
+        lr = current_lr(self.optimizer)
+        if lr < self._last_lr:
+            self.stage += 1
+        self._last_lr = lr
+
+
+class TorchSchedule(Schedule):
+    """A torch LR scheduler stepped after every update."""
+
+    decays_in_steps = True  # False: the LR falls continuously, no update ends a stage
+
+    def make_scheduler(self, optimizer, updates_per_epoch: int, total_updates: int):
+        raise NotImplementedError
+
+    def start(self, optimizer, updates_per_epoch, total_updates):
+        self.scheduler = self.make_scheduler(optimizer, updates_per_epoch, total_updates)
+        super().start(optimizer, updates_per_epoch, total_updates)
+
+    def after_update(self, loss):
+        self.scheduler.step()
+        if self.decays_in_steps:
+            self.count_decay()
+        return False
+
+
+class StepDecay(TorchSchedule):
+    """x`decay_rate` at each of `milestones` (epochs), per update (torch `MultiStepLR`)."""
+
+    def __init__(self, milestones: list, decay_rate: float):
+        super().__init__()
+        self.milestones, self.decay_rate = list(milestones), decay_rate
+
+    def make_scheduler(self, optimizer, updates_per_epoch, total_updates):
+        return MultiStepLR(optimizer, [epoch * updates_per_epoch for epoch in self.milestones], gamma=self.decay_rate)
+
+
+class Cosine(TorchSchedule):
+    """Cosine from the initial LR to 0 over the budget, per update (torch `CosineAnnealingLR`)."""
+
+    decays_in_steps = False
+
+    def make_scheduler(self, optimizer, updates_per_epoch, total_updates):
+        return CosineAnnealingLR(optimizer, T_max=total_updates)
+
+
+class Plateau(Schedule):
+    """torch `ReduceLROnPlateau` on each epoch's mean training loss."""
+
+    def __init__(self, patience: int, decay_rate: float):
+        super().__init__()
+        self.patience, self.decay_rate = patience, decay_rate
+
+    def start(self, optimizer, updates_per_epoch, total_updates):
+        self.scheduler = ReduceLROnPlateau(optimizer, factor=self.decay_rate, patience=self.patience)
+        super().start(optimizer, updates_per_epoch, total_updates)
+
+    def after_epoch(self, epochs_done, train_loss, metrics):
+        self.scheduler.step(train_loss)
+        self.count_decay()
+        return False
+
+
+class TimmPlateau(Plateau):
+    """timm's `PlateauLRScheduler` stepped as timm's `train.py` steps it: `step(epoch + 1, eval top-1)`,
+    mode max. Its whole inner `ReduceLROnPlateau` state is checkpointed (timm's own keeps `best` only)."""
+
+    def __init__(self, decay_rate: float, **plateau_settings):
+        super().__init__(plateau_settings.get("patience_t", 10), decay_rate)
+        self.plateau_settings = plateau_settings
+
+    def start(self, optimizer, updates_per_epoch, total_updates):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            from timm.scheduler.plateau_lr import PlateauLRScheduler
+
+            self.timm_scheduler = PlateauLRScheduler(optimizer, decay_rate=self.decay_rate, mode="max",
+                                                     **self.plateau_settings)
+        self.scheduler = self.timm_scheduler.lr_scheduler
+        Schedule.start(self, optimizer, updates_per_epoch, total_updates)
+
+    def after_epoch(self, epochs_done, train_loss, metrics):
+        self.timm_scheduler.step(epochs_done, metrics["test_top1"])
+        self.count_decay()
+        return False
+
+
+class AutoDecay(Schedule):
+    """`AutoDecayLR` given the run's shape and `settings` (decay_rate, num_stages, any detector setting),
+    stepped with every update's loss; the run ends when it finishes."""
+
+    def __init__(self, **settings):
+        super().__init__()
+        self.settings = settings
+
+    def start(self, optimizer, updates_per_epoch, total_updates):
+        self.scheduler = AutoDecayLR(optimizer, updates_per_epoch=updates_per_epoch, total_updates=total_updates,
+                                     **self.settings)
+        super().start(optimizer, updates_per_epoch, total_updates)
+
+    def after_update(self, loss):
+        previous = self.scheduler.last_decision
+        self.scheduler.step(loss)
+        decision = self.scheduler.last_decision
+        if decision is not previous and decision.action in ("decay", "cooldown"):
+            self.stage += 1
+        return self.scheduler.finished
+
+    def summary(self):
+        return {"autodecay_history": self.scheduler.history}

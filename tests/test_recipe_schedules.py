@@ -1,0 +1,104 @@
+"""The recipes' one schedule interface (recipes/engine/schedules.py), for every schedule in PEERS: the LR it
+sets, the stages it counts, the run it ends, and a resume at any update that continues exactly."""
+import io
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
+from engine.peers import PEERS, TRAINABLE  # noqa: E402
+from engine.schedules import Schedule, current_lr  # noqa: E402
+
+CFG = SimpleNamespace(lr=0.1, momentum=0.9, weight_decay=5e-4, batch_size=64, lr_reference_batch=0, decay_rate=0.1,
+                      milestones=[2, 4], patience=1, num_stages=3)
+UPDATES_PER_EPOCH, EPOCHS = 10, 6
+
+
+def new_run(name: str):
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 1)
+    schedule = PEERS[name].schedule(CFG)
+    optimizer = schedule.make_optimizer(model, CFG)
+    schedule.start(optimizer, UPDATES_PER_EPOCH, EPOCHS * UPDATES_PER_EPOCH)
+    return model, optimizer, schedule
+
+
+def train(model, optimizer, schedule, updates: range) -> list[tuple]:
+    """Drive the schedule as the loop does (a regression task whose loss soon stops falling; after each
+    epoch an accuracy that plateaus); one (update, lr, stage, ended) line per update."""
+    trace = []
+    for update in updates:
+        generator = torch.Generator().manual_seed(update)
+        inputs = torch.randn(16, 4, generator=generator)
+        targets = inputs.sum(1, keepdim=True) + 0.5 * torch.randn(16, 1, generator=generator)
+        optimizer.zero_grad()
+        loss = F.mse_loss(model(inputs), targets)
+        loss.backward()
+        optimizer.step()
+        ended = schedule.after_update(loss.detach())
+        epochs_done, rest = divmod(update + 1, UPDATES_PER_EPOCH)
+        if rest == 0:
+            ended = schedule.after_epoch(epochs_done, loss.item(), {"test_top1": min(80.0, 50.0 + 10 * epochs_done)}) \
+                or ended
+        trace.append((update, current_lr(optimizer), schedule.stage, ended))
+        if ended:
+            break
+    return trace
+
+
+def saved(state: dict) -> dict:
+    """`state` after a trip through a file, as Accelerate's save_state / load_state make it."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return torch.load(buffer, weights_only=False)
+
+
+# timm's and statopt's imports take seconds: those two are in the slow layer
+NAMES = [pytest.param(name, marks=pytest.mark.slow) if name in ("timm_plateau", "sasa") else name for name in TRAINABLE]
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("cut", [7, 33])  # mid-epoch in the first stage; after a decay and an epoch's end
+def test_resumed_schedule_continues_exactly(name, cut):
+    whole = train(*new_run(name), range(EPOCHS * UPDATES_PER_EPOCH))
+    model, optimizer, schedule = new_run(name)
+    first = train(model, optimizer, schedule, range(cut))
+    states = [saved(part.state_dict()) for part in (model, optimizer, schedule)]
+    model, optimizer, schedule = new_run(name)
+    for part, state in zip((model, optimizer, schedule), states):  # Accelerate's order: models, optimizers, rest
+        part.load_state_dict(state)
+    assert first + train(model, optimizer, schedule, range(cut, EPOCHS * UPDATES_PER_EPOCH)) == whole
+
+
+def test_step_decay_ends_stages_at_its_milestones():
+    trace = train(*new_run("step"), range(EPOCHS * UPDATES_PER_EPOCH))
+    stage_ends = [update + 1 for (update, _, stage, _), (_, _, before, _) in zip(trace[1:], trace) if stage > before]
+    assert stage_ends == [20, 40]  # milestones 2 and 4 epochs of 10 updates
+    assert [lr for _, lr, _, _ in trace][::20] == pytest.approx([0.1, 0.01, 0.001])
+
+
+def test_cosine_lowers_the_lr_without_ending_stages():
+    trace = train(*new_run("cosine"), range(EPOCHS * UPDATES_PER_EPOCH))
+    lrs = [lr for _, lr, _, _ in trace]
+    assert all(later < earlier for earlier, later in zip(lrs, lrs[1:-1]))
+    assert lrs[-1] == pytest.approx(0.0, abs=1e-12) and {stage for _, _, stage, _ in trace} == {0}
+
+
+def test_autodecay_ends_the_run_within_its_budget():
+    trace = train(*new_run("autodecay"), range(EPOCHS * UPDATES_PER_EPOCH))
+    assert trace[-1][3] and trace[-1][0] < EPOCHS * UPDATES_PER_EPOCH
+    assert trace[-1][2] == CFG.num_stages - 1  # every stage but the last ended by a decay
+
+
+def test_every_peer_says_why_and_builds_a_new_schedule():
+    for name, peer in PEERS.items():
+        assert peer.note, name
+        if peer.schedule is not None:
+            first, second = peer.schedule(CFG), peer.schedule(CFG)
+            assert isinstance(first, Schedule) and first is not second, name
+    assert PEERS["oracle"].schedule is None and "oracle" not in TRAINABLE
