@@ -1,5 +1,7 @@
-"""Smoke tests of the paper's recipes on tiny data: learning_stages, mechanism, a 2-process run, a resume,
-and the ImageNet configs' code path on a local dataset with ImageNet's schema (image + label)."""
+"""Smoke tests of the paper's recipes on tiny data: learning_stages, the noise dose-response, mechanism, a
+2-process run, a resume, and the ImageNet configs' code path on a local dataset with ImageNet's schema (image
++ label); and the definitions of the statistics they report."""
+import math
 import json
 import os
 import subprocess
@@ -61,6 +63,100 @@ def test_transition_ratio_definition():
     assert result["loss_ratio"] == pytest.approx(0.5 / 0.2)
     assert result["acc_jump_pp"] == pytest.approx(2.0) and result["acc_trend_pp"] == pytest.approx(2.0)
     assert transition(curves, 7.0, before=5, after=2)["loss_ratio"] is None  # run too short after
+
+
+def test_transition_log_ratio_definition():
+    """S is 0 when the loss keeps falling at its log-rate, ln(k) for an extra k-fold fall after the decay,
+    negative when the decay slows the fall; finite when the trend before is flat."""
+    from study_statistics import transition_log_ratio
+
+    steady = [math.exp(-0.01 * u) for u in range(100)]  # -1% per update throughout
+    assert transition_log_ratio(steady, 0.5, 0.1, 0.02)["log_ratio"] == pytest.approx(0.0, abs=1e-9)
+    dropped = [loss / 3 if u >= 50 else loss for u, loss in enumerate(steady)]  # a 3x fall at the decay
+    assert transition_log_ratio(dropped, 0.5, 0.1, 0.02)["log_ratio"] == pytest.approx(math.log(3), abs=1e-9)
+    slowed = [math.exp(-0.01 * min(u, 50)) for u in range(100)]  # flat after the decay
+    assert transition_log_ratio(slowed, 0.5, 0.1, 0.02)["log_ratio"] < 0
+    flat_then_drop = [1.0] * 50 + [0.5] * 50  # no trend before: the old ratio divided by zero
+    result = transition_log_ratio(flat_then_drop, 0.5, 0.1, 0.02)
+    assert result["log_ratio"] == pytest.approx(math.log(2)) and result["loss_before_decay"] == 1.0
+
+
+def test_spike_criterion():
+    from study_statistics import first_spike
+
+    falling = [1.0 / (1 + 0.1 * u) for u in range(200)]
+    assert first_spike(falling, 0.02, 0.1, 2.0) is None
+    spiked = list(falling)
+    spiked[120:124] = [3 * falling[119]] * 4  # a bin of 4 updates at 3x: a spike at 62% of the run
+    spike = first_spike(spiked, 0.02, 0.1, 2.0)
+    assert spike["share"] == pytest.approx(0.62) and spike["factor"] > 2
+    early = list(falling)
+    early[4:8] = [5.0] * 4  # within the first 10%: ignored
+    assert first_spike(early, 0.02, 0.1, 2.0) is None
+
+
+def test_bootstrap_and_trend_statistics():
+    from study_statistics import bootstrap_interval, slope_interval, spearman_trend
+
+    low, high = bootstrap_interval([1.0, 2.0, 3.0, 4.0, 5.0], 2000, seed=1)
+    assert 1.0 < low < 3.0 < high < 5.0 and (low, high) == bootstrap_interval([1.0, 2.0, 3.0, 4.0, 5.0], 2000, seed=1)
+    assert bootstrap_interval([2.0, 2.0, 2.0], 100) == (2.0, 2.0)
+    doses = [d for d in range(5) for _ in range(5)]
+    rising = [d + 0.1 * k for d in range(5) for k in range(5)]
+    trend = spearman_trend(doses, rising, 2000)
+    assert trend["rho"] > 0.9 and trend["p_value"] < 0.001 and trend["count"] == 25
+    assert spearman_trend(doses, [float(k) for _ in range(5) for k in range(5)], 2000)["p_value"] > 0.5  # no trend
+    slope = slope_interval({d: [2 * d + 0.1 * k for k in range(5)] for d in range(5)}, 500)
+    assert slope["slope"] == pytest.approx(2.0) and slope["low"] <= 2.0 <= slope["high"]
+
+
+@pytest.mark.slow
+def test_noise_dose_response_smoke(tmp_path):
+    """Batch sizes up to the full training set, each with its own number of updates, the schedule in shares
+    of the run; the statistic, the stability verdicts, the table and the figure."""
+    finished = run(
+        sys.executable, str(RECIPES / "noise_dose_response.py"), "--config", str(CONFIGS / "noise_dose_response.yaml"),
+        "--num_samples", "500", "--batch_sizes", "25", "400", "--seeds", "0", "1", "--min_epochs", "2",
+        "--min_updates", "10", "--micro_batch", "200", "--resamples", "200", "--jobs", "1",
+        "--output_dir", str(tmp_path),
+    )
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    runs = {(r["batch_size"], r["seed"]): r for r in summary["runs"]}
+    assert set(runs) == {(25, 0), (25, 1), (400, 0), (400, 1)}
+    assert runs[25, 0]["updates"] == 32 and not runs[25, 0]["full_batch"]  # 2 epochs of 16 updates
+    assert runs[400, 0]["updates"] == 10 and runs[400, 0]["full_batch"]  # min_updates; 400 = all training samples
+    assert runs[400, 0]["noise_scale"] == pytest.approx(0.1) and runs[25, 0]["noise_scale"] == pytest.approx(1.6)
+    run_summary = json.loads((tmp_path / "lr0.1" / "batch400" / "seed0" / "summary.json").read_text())
+    assert run_summary["updates"] == 10 and len(run_summary["update_losses"]) == 10
+    assert run_summary["decay_updates"] == [5, 8] and run_summary["decay_epochs"] == [5.0, 8.0]  # shares 0.5, 0.75
+    for r in summary["runs"]:
+        assert r["stable"] == (not r["failures"]) and math.isfinite(r["log_ratio"])
+    cells = summary["by_lr"]["0.1"]["cells"]
+    assert [cell["batch_size"] for cell in cells] == [25, 400]
+    assert "| 0.1 | 400 | 0.1 | 10 (10) |" in finished.stdout
+    assert (tmp_path / "noise_dose_response.png").stat().st_size > 0
+
+
+@pytest.mark.slow  # imports the recipe (timm, Accelerate): seconds
+def test_dose_response_lists_every_unstable_run():
+    from noise_dose_response import DoseResponseConfig, measure, statistics
+
+    cfg = DoseResponseConfig(lrs=[0.1], seeds=[0], resamples=100)
+    steady = [math.exp(-0.01 * u) for u in range(100)]
+    results = [
+        {"lr": 0.1, "seed": 0, "batch_size": 32, "noise_scale": 25.0, "updates": 100, "epochs": 1.0,
+         "test_top1": 90.0, "losses": steady},
+        {"lr": 0.1, "seed": 0, "batch_size": 512, "noise_scale": 1.6, "updates": 100, "epochs": 6.0,
+         "test_top1": 90.0, "losses": [4 * loss for loss in steady]},  # 4x the smallest batch's loss
+        {"lr": 0.1, "seed": 0, "batch_size": 8000, "noise_scale": 0.1, "updates": 100, "epochs": 100.0,
+         "test_top1": 90.0, "losses": steady[:60] + [float("nan")] * 40},
+    ]
+    runs = measure(results, cfg)
+    assert [r["stable"] for r in runs] == [True, False, False]
+    assert "3 x batch 32's" in runs[1]["failures"][0] and runs[2]["failures"] == ["non-finite loss"]
+    cells = statistics(runs, cfg)[0.1]["cells"]
+    assert [(c["stable"], c["runs"]) for c in cells] == [(1, 1), (0, 1), (0, 1)]
+    assert cells[1]["log_ratio_mean"] is None and cells[1]["failures"] == {0: runs[1]["failures"]}
 
 
 @pytest.mark.slow
