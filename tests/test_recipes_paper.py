@@ -161,19 +161,42 @@ def test_dose_response_lists_every_unstable_run():
 
 @pytest.mark.slow
 def test_mechanism_smoke(tmp_path):
+    """Calibration on its own data and seed, the three methods per stage, the predictions with outcomes."""
     run(
         sys.executable, str(RECIPES / "mechanism.py"), "--config", str(CONFIGS / "mechanism.yaml"),
         "--num_samples", "500", "--epochs", "2", "--milestones", "1", "--gd_epochs", "2",
-        "--gd_grad_accum_steps", "2", "--seeds", "0", "--jobs", "1", "--output_dir", str(tmp_path),
+        "--gd_grad_accum_steps", "2", "--seeds", "0", "--jobs", "1", "--calibration_epochs", "1",
+        "--output_dir", str(tmp_path),
     )
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert [run["method"] for run in summary["runs"]] == ["sgd_step", "gd_step", "constant"]
+    assert [run["method"] for run in summary["runs"]] == ["sgd_step", "constant", "gd_step"]
     for run_summary in summary["runs"]:
         assert len(run_summary["stages"]) == 2  # constant: the spans of StepDecay's stages
         for stage in run_summary["stages"]:
             assert 0 <= stage["end_test_top1_easy_only"] <= 100 and 0 <= stage["end_test_top1_complex_only"] <= 100
+    calibration = summary["calibration"]
+    assert calibration["data_seed"] == 7 and calibration["seed"] == 100  # not the measurement's
+    assert calibration["complex_alone_learnable"] == (calibration["complex_alone_top1"] >= 90.0)
+    assert (tmp_path / "calibration" / "complex_alone" / "summary.json").exists()
+    alone = json.loads((tmp_path / "calibration" / "complex_alone" / "summary.json").read_text())["config"]
+    assert alone["easy_fraction"] == 0.0 and alone["lr"] == 0.01 and alone["data_seed"] == 7
+    predictions = summary["predictions"]
+    assert set(predictions) == {"P1", "P2", "P3", "verdict"}
+    supported = all(predictions[key]["holds"] for key in ("P1", "P2", "P3"))
+    assert predictions["verdict"] == ("supported" if supported else "not supported")
+    table = (tmp_path / "mechanism.md").read_text()
+    assert "complex-only" in table and "Calibration" in table and f"**{predictions['verdict']}**" in table
     assert (tmp_path / "mechanism.png").stat().st_size > 0
-    assert "complex-only" in (tmp_path / "mechanism.md").read_text()
+
+
+@pytest.mark.slow  # imports the recipe (timm, Accelerate): seconds
+def test_mechanism_stage0_share():
+    """The share of the final complex-only gain over chance (10%) reached by the end of stage 0."""
+    from mechanism import stage0_share
+
+    stages = [{"end_test_top1_complex_only": value} for value in (30.0, 80.0, 90.0)]
+    assert stage0_share(stages) == pytest.approx(20 / 80)
+    assert stage0_share([{"end_test_top1_complex_only": v} for v in (11.0, 12.0, 13.0)]) is None  # never learned
 
 
 @pytest.mark.slow
