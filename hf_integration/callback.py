@@ -58,7 +58,9 @@ from .trainer_setup import check_logging, check_scheduler, setting_name
 
 logger = logging.get_logger(__name__)
 
-DEFAULT_DECAY_SHAPE = "step"  # the shape when decay_shape is not passed (settings: "step" or "cooldown")
+# Measured on a transformer trained with AdamW (see the README): the step shape ended 0.09 nats above
+# the cosine/WSD frontier, the cooldown on it. The shape when decay_shape is not passed.
+DEFAULT_DECAY_SHAPE = "cooldown"
 
 __all__ = ["AutoDecayCallback", "find_autodecay_callback"]
 
