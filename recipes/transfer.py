@@ -25,17 +25,21 @@ Targets (`targets`): a list of mappings, each a `name` and the config keys that 
 `num_classes`, `classes`, `train_subset`, `batch_size`, ...); keys not given are the config's own. The
 model is always the source's.
 
+Comparisons (transfer_report.py): the source's top-1 at each stage end, checked to rise across the stages
+(`source_check`); every earlier stage against the last, per target and method, paired by source run and seed
+(a paired t-test and the smallest difference the design detects at `alpha` with `power`). The primary
+comparison is named in advance (`primary_target`, `primary_method`: the first stage against the last); the
+others are corrected for multiple comparisons (Holm).
+
 Writes into `output_dir`: `summary.json` (`stages[k]`: the stage, its end epochs, source top-1 and, per
-target and method, the target top-1 mean, sd, values and seeds; `random_init` likewise; `results`: one
-record per measurement), `transfer.md` (the table), `transfer.png` (source and transfer accuracy
-against stage) and the fine-tuning runs' folders (`finetune/TARGET/RUN/stageK/seedS`).
+target and method, the target top-1 mean, sd, values and seeds; `random_init` likewise; `source_check`;
+`comparisons`; `results`: one record per measurement), `transfer.md` (the tables), `transfer.png` (source
+and transfer accuracy against stage) and the fine-tuning runs' folders (`finetune/TARGET/RUN/stageK/seedS`).
 """
 import json
-import statistics
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
-import matplotlib
 import torch
 import torch.nn.functional as F
 from engine.config import ConfigError, config_from_dict, load_config
@@ -44,10 +48,10 @@ from engine.loop import make_accelerator, train_run
 from engine.models import extract_features, make_model_and_optimizer, model_from_checkpoint
 from engine.tasks import make_task
 from engine.train_config import TrainConfig
-from matplotlib.figure import Figure
+
+from transfer_report import comparisons, comparisons_table, plot_transfer, source_rises, summarise, transfer_table
 
 METHODS = ("linear_probe", "finetune")
-METHOD_LABELS = {"linear_probe": "linear probe", "finetune": "fine-tune"}
 # Keys a target may not set: the model is the source's, the budget the study's.
 FIXED_KEYS = {"model", "pretrained", "init_from", "epochs", "lr", "schedule", "seed", "output_dir", "resume",
               "resume_from", "stop_after_epoch"}
@@ -69,6 +73,12 @@ class TransferConfig(TrainConfig):
     finetune_epochs: int = 5
     finetune_lr: float = 0.01
     finetune_schedule: str = field(default="cosine", metadata={"choices": ("cosine", "constant", "step")})
+    # the primary comparison, named before measuring: the first stage against the last, by this method on
+    # this target ("": the first target); the other comparisons get Holm's correction
+    primary_target: str = ""
+    primary_method: str = field(default="linear_probe", metadata={"choices": METHODS})
+    alpha: float = 0.05  # two-sided level of the paired tests
+    power: float = 0.8  # for the smallest difference the design detects
 
 
 # ----------------------------------------------------------------------------------------------
@@ -167,135 +177,28 @@ def finetune(target_cfg: TrainConfig, cfg: TransferConfig, init_from: str, seed:
 
 
 # ----------------------------------------------------------------------------------------------
-# Summary, table and figure
-# ----------------------------------------------------------------------------------------------
-def spread(values: list[float]) -> dict:
-    return {"mean": statistics.mean(values), "sd": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "values": values}
-
-
-def summarise(results: list[dict], targets: list[str], methods: list[str]) -> dict:
-    """Per stage ("init": the random-init reference): epochs, source top-1 and, per target and method, the
-    target top-1 over the (source run, seed) pairs, and `minus_last`: its paired difference (points) to the
-    last stage's of the same source run, seed, target and method (source runs vary more than stages)."""
-    stages = sorted({r["stage"] for r in results if r["stage"] != "init"})
-    last = {(r["source_run"], r["seed"], r["target"], r["method"]): r["top1"]
-            for r in results if stages and r["stage"] == stages[-1]}
-
-    def entry(stage):
-        mine = [r for r in results if r["stage"] == stage]
-        sources = {(r["source_run"], r["seed"]): r for r in mine if r["source_top1"] is not None}
-        result = {
-            "stage": stage,
-            "epochs": sorted({r["epoch"] for r in mine if r["epoch"] is not None}),
-            "source_top1": spread([r["source_top1"] for r in sources.values()]) if sources else None,
-            "targets": {},
-        }
-        for target in targets:
-            result["targets"][target] = {}
-            for method in methods:
-                cell = [r for r in mine if r["target"] == target and r["method"] == method]
-                if cell:
-                    keys = [(r["source_run"], r["seed"], target, method) for r in cell]
-                    result["targets"][target][method] = {
-                        **spread([r["top1"] for r in cell]), "seeds": [r["seed"] for r in cell],
-                        "source_runs": [r["source_run"] for r in cell],
-                        "minus_last": spread([r["top1"] - last[key] for r, key in zip(cell, keys) if key in last])
-                        if all(key in last for key in keys) and stage != stages[-1] else None,
-                    }
-        return result
-
-    return {"stages": [entry(stage) for stage in stages],
-            "random_init": entry("init") if any(r["stage"] == "init" for r in results) else None}
-
-
-def _cell(stat, signed: bool = False) -> str:
-    if not stat:
-        return "-"
-    mean = f"{stat['mean']:+.1f}" if signed else f"{stat['mean']:.1f}"
-    return f"{mean} ± {stat['sd']:.1f}" if len(stat["values"]) > 1 else mean
-
-
-def transfer_table(summary: dict, targets: list[str], methods: list[str]) -> str:
-    """Markdown: a row per stage (and the random init), source top-1 and each target x method (mean ± sd %)."""
-    columns = [f"{target}: {METHOD_LABELS[method]}" for target in targets for method in methods]
-    lines = ["| stage | ends at epoch | source top-1 | " + " | ".join(columns) + " |",
-             "|---" * (3 + len(columns)) + "|"]
-    rows = summary["stages"] + ([summary["random_init"]] if summary["random_init"] else [])
-    for row in rows:
-        epochs = ", ".join(f"{e:g}" for e in row["epochs"]) or "-"
-        cells = [_cell(row["targets"][t].get(m)) for t in targets for m in methods]
-        label = "random init" if row["stage"] == "init" else str(row["stage"])
-        lines.append(f"| {label} | {epochs} | {_cell(row['source_top1'])} | " + " | ".join(cells) + " |")
-    every_cell = [cell for row in rows for t in row["targets"].values() for cell in t.values()]
-    count = max((len(cell["values"]) for cell in every_cell), default=0)
-    lines.append(f"\nTop-1 (%), mean ± sd over {count} (source run, seed) pairs.")
-    paired = [row for row in rows
-              if any(cell.get("minus_last") for t in row["targets"].values() for cell in t.values())]
-    if paired:
-        last = summary["stages"][-1]["stage"]
-        lines += ["", f"| minus stage {last} (paired, points) | " + " | ".join(columns) + " |",
-                  "|---" * (1 + len(columns)) + "|"]
-        for row in paired:
-            cells = [_cell(row["targets"][t].get(m, {}).get("minus_last"), signed=True)
-                     for t in targets for m in methods]
-            lines.append(f"| {'random init' if row['stage'] == 'init' else row['stage']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def plot_transfer(summary: dict, targets: list[str], methods: list[str], path: Path) -> None:
-    """Source top-1 against stage (left), and per target the transfer top-1 of each method against stage
-    (mean ± sd; dashed: the random-init reference)."""
-    figure = Figure(figsize=(4.2 * (1 + len(targets)), 4), layout="constrained")
-    axes = figure.subplots(1, 1 + len(targets), squeeze=False)[0]
-    stages = [row["stage"] for row in summary["stages"]]
-
-    def errorbar(ax, stats, **kwargs):
-        points = [(s, st) for s, st in zip(stages, stats) if st]
-        ax.errorbar([s for s, _ in points], [st["mean"] for _, st in points], yerr=[st["sd"] for _, st in points],
-                    marker="o", capsize=3, **kwargs)
-
-    errorbar(axes[0], [row["source_top1"] for row in summary["stages"]], color="black")
-    axes[0].set(title="source task", ylabel="test top-1 (%)")
-    colours = dict(zip(methods, matplotlib.colormaps["tab10"].colors))
-    for ax, target in zip(axes[1:], targets):
-        for method in methods:
-            errorbar(ax, [row["targets"][target].get(method) for row in summary["stages"]], color=colours[method],
-                     label=METHOD_LABELS[method])
-            reference = summary["random_init"] and summary["random_init"]["targets"][target].get(method)
-            if reference:
-                ax.axhline(reference["mean"], color=colours[method], linestyle="--", linewidth=1,
-                           label=f"{METHOD_LABELS[method]}, random init")
-        ax.set(title=f"transfer to {target}")
-        ax.legend(fontsize=8)
-    for ax in axes:
-        ax.set(xlabel="stage whose end is the checkpoint", xticks=stages)
-        ax.grid(alpha=0.3)
-    figure.savefig(path, dpi=120)
-
-
-# ----------------------------------------------------------------------------------------------
 # The study
 # ----------------------------------------------------------------------------------------------
-def study(cfg: TransferConfig, accelerator) -> dict:
-    """The whole study (see the module's docstring); returns the summary with `results` and `table`."""
-    output_dir = Path(cfg.output_dir)
-    targets = target_configs(cfg)
-    target_data = {name: load_target(name, target_cfg) for name, target_cfg in targets.items()}  # fail early
+def source_jobs(cfg: TransferConfig, accelerator) -> list[tuple[str, int]]:
+    """(source run folder, seed) pairs: the runs trained here first (`train_source`, one per seed), or every
+    run of `source_runs` with every seed."""
     if cfg.train_source:
         jobs = []
         for seed in cfg.seeds:
-            run_dir = output_dir / "source" / f"seed{seed}"
+            run_dir = Path(cfg.output_dir) / "source" / f"seed{seed}"
             summary = train_run(train_config(cfg, seed=seed, output_dir=str(run_dir), verbose=False))
             accelerator.print(f"source seed {seed}: {summary['test_top1']:.2f}% after {summary['epochs']:g} epochs, "
                               f"stage ends at epochs {[round(end['epoch'], 2) for end in summary['stage_ends']]}")
             jobs.append((str(run_dir), seed))
-    elif cfg.source_runs:
-        jobs = [(run_dir, seed) for run_dir in cfg.source_runs for seed in cfg.seeds]
-    else:
-        raise ConfigError("source_runs: needed (train_run output folders), or train_source: true")
-    sources = {run_dir: source_stages(run_dir) for run_dir in dict.fromkeys(run for run, _ in jobs)}
+        return jobs
+    if cfg.source_runs:
+        return [(run_dir, seed) for run_dir in cfg.source_runs for seed in cfg.seeds]
+    raise ConfigError("source_runs: needed (train_run output folders), or train_source: true")
 
+
+def transfer_all(cfg: TransferConfig, jobs: list, targets: dict, target_data: dict, accelerator) -> list[dict]:
+    """One record per (source run, seed, stage or random init, target, method) with its target top-1."""
+    sources = {run_dir: source_stages(run_dir) for run_dir in dict.fromkeys(run for run, _ in jobs)}
     results = []
     for run_dir, seed in jobs:
         run_cfg, stages = sources[run_dir]
@@ -323,18 +226,35 @@ def study(cfg: TransferConfig, accelerator) -> dict:
                 if "finetune" in cfg.methods:
                     in_list = run_dir in cfg.source_runs
                     run_name = f"run{cfg.source_runs.index(run_dir)}" if in_list else Path(run_dir).name
-                    folder = output_dir / "finetune" / name / run_name / f"stage{stage}" / f"seed{seed}"
+                    folder = Path(cfg.output_dir) / "finetune" / name / run_name / f"stage{stage}" / f"seed{seed}"
                     top1 = finetune(target_cfg, cfg, path, seed, folder)
                     results.append({**record, "method": "finetune", "top1": top1})
             latest = results[-len(targets) * len(cfg.methods):]
             shown = ", ".join(f"{r['target']} {r['method']} {r['top1']:.1f}" for r in latest)
             source_text = f"source {source_top1:.1f}%, " if source_top1 is not None else ""
             accelerator.print(f"{run_dir} stage {stage} seed {seed}: {source_text}{shown}")
+    return results
+
+
+def study(cfg: TransferConfig, accelerator) -> dict:
+    """The whole study (see the module's docstring); returns the summary with `results` and `table`."""
+    targets = target_configs(cfg)
+    primary = (cfg.primary_target or next(iter(targets)), cfg.primary_method)
+    if primary[0] not in targets or primary[1] not in cfg.methods:
+        key = "primary_target" if primary[0] not in targets else "primary_method"
+        raise ConfigError(f"{key}: invalid value {getattr(cfg, key)!r} (a target's name and one of methods: "
+                          f"{', '.join(targets)}; {', '.join(cfg.methods)})")
+    target_data = {name: load_target(name, target_cfg) for name, target_cfg in targets.items()}  # fail early
+    results = transfer_all(cfg, source_jobs(cfg, accelerator), targets, target_data, accelerator)
 
     names, methods = list(targets), [m for m in METHODS if m in cfg.methods]
     summary = summarise(results, names, methods)
-    table = transfer_table(summary, names, methods)
+    summary["source_check"] = source_rises(summary)
+    summary["comparisons"] = comparisons(results, names, methods, primary, cfg.alpha, cfg.power)
+    table = transfer_table(summary, names, methods) + "\n\n" + comparisons_table(
+        summary["comparisons"], summary["source_check"], cfg.alpha, cfg.power)
     if accelerator.is_main_process:
+        output_dir = Path(cfg.output_dir)
         output_dir.mkdir(parents=True, exist_ok=True)
         document = {**summary, "results": results, "table": table, "config": asdict(cfg)}
         (output_dir / "summary.json").write_text(json.dumps(document, indent=1) + "\n")

@@ -1,7 +1,9 @@
 """The transfer study (recipes/transfer.py) on tiny data: stage checkpoints -> source top-1, linear probe
-and fine-tune -> summary, table and figure; and its bad inputs (missing checkpoint, target without the
-label column, keys a target may not set)."""
+and fine-tune -> summary, table and figure; its comparisons (the primary one named in advance, Holm's
+correction for the others, the smallest detectable difference); and its bad inputs (missing checkpoint,
+target without the label column, keys a target may not set, an unknown primary target)."""
 import json
+import math
 import os
 import shutil
 import sys
@@ -70,6 +72,17 @@ def test_full_path(source_run, tmp_path):
     table = (out / "transfer.md").read_text()
     assert "| random init |" in table and "rest: linear probe" in table and "± " in table and "minus stage 1" in table
     assert (out / "transfer.png").stat().st_size > 0
+    # the primary comparison (no primary_target: the first target; linear probe), first and uncorrected
+    primary, *others = summary["comparisons"]
+    assert primary["primary"] and (primary["target"], primary["method"]) == ("rest", "linear_probe")
+    assert (primary["stage"], primary["against"]) == (0, 1)
+    assert primary["p_holm"] == primary["p_value"] or math.isnan(primary["p_value"])  # uncorrected
+    assert len(others) == 3 and not any(row["primary"] for row in others)
+    finetune_rest = next(row for row in others if (row["target"], row["method"]) == ("rest", "finetune"))
+    assert finetune_rest["mean"] == pytest.approx(paired["mean"]) and finetune_rest["n"] == 2
+    assert summary["source_check"]["source_top1_by_stage"] == pytest.approx(
+        [stage["source_top1"]["mean"] for stage in summary["stages"]])
+    assert "**primary: rest, linear probe, stage 0 - stage 1**" in table and "Source top-1 at the stage ends" in table
 
 
 @pytest.mark.slow
@@ -84,6 +97,58 @@ def test_offline_config_trains_its_source(tmp_path):
     assert [stage["stage"] for stage in result["stages"]] == [0, 1]
     assert set(result["stages"][0]["targets"]) == {"digits5-9", "digits5-9_500"}
     assert {r["method"] for r in result["results"]} == {"linear_probe"}
+
+
+def synthetic_results(effects: dict, seeds: int = 5) -> list[dict]:
+    """Records as the study writes them: 3 stages, per (target, method) a stage-0 effect `effects[...]`
+    over the last stage (points) plus a seed-dependent wobble; stage 1 equals the last stage."""
+    results = []
+    for (target, method), effect in effects.items():
+        for seed in range(seeds):
+            base = 80.0 + seed
+            for stage, top1 in ((0, base + effect + 0.5 * (-1) ** seed), (1, base), (2, base)):
+                results.append({"source_run": f"run{seed}", "seed": seed, "stage": stage, "epoch": 10.0 * (stage + 1),
+                                "target": target, "method": method, "source_top1": 90.0 + stage, "top1": top1})
+    return results
+
+
+def test_comparisons_primary_holm_and_detectable_difference():
+    from study_statistics import holm, paired_test
+    from transfer_report import comparisons
+
+    effects = {("full", "linear_probe"): 3.0, ("full", "finetune"): 0.0, ("few", "linear_probe"): -2.0,
+               ("few", "finetune"): 0.2}
+    rows = comparisons(synthetic_results(effects), ["full", "few"], ["linear_probe", "finetune"],
+                       ("full", "linear_probe"), alpha=0.05, power=0.8)
+    assert len(rows) == 4 * 2  # (target, method) x (stage 0, stage 1) against stage 2
+    primary, *others = rows
+    assert primary["primary"] and primary["stage"] == 0
+    assert (primary["target"], primary["method"]) == ("full", "linear_probe")
+    assert primary["mean"] == pytest.approx(3.1) and primary["n"] == 5  # 3 + 0.5 x (+1 -1 +1 -1 +1) / 5
+    assert primary["p_holm"] == primary["p_value"] < 0.01  # not corrected
+    # the other seven form Holm's family (stage 1 = stage 2: sd 0, no test, p counted as 1)
+    p_values = [1.0 if math.isnan(row["p_value"]) else row["p_value"] for row in others]
+    assert [row["p_holm"] for row in others] == pytest.approx(holm(p_values))
+    # the smallest detectable difference: (t_0.975 + t_0.8) with 4 degrees of freedom x sd / sqrt(5)
+    expected = paired_test([3.5, 2.5, 3.5, 2.5, 3.5])
+    assert primary["detectable"] == pytest.approx(expected["detectable"])
+    assert primary["detectable"] == pytest.approx((2.7764 + 0.9410) * primary["sd"] / math.sqrt(5), rel=1e-3)
+
+
+def test_holm_adjusts_in_order_and_caps_at_one():
+    from study_statistics import holm
+
+    assert holm([0.01, 0.04, 0.03, 0.5]) == pytest.approx([0.04, 0.09, 0.09, 0.5])
+    assert holm([0.6, 0.5]) == pytest.approx([1.0, 1.0])
+
+
+def test_source_check():
+    from transfer_report import source_rises, summarise
+
+    rising = summarise(synthetic_results({("full", "linear_probe"): 1.0}), ["full"], ["linear_probe"])
+    assert source_rises(rising) == {"source_top1_by_stage": [90.0, 91.0, 92.0], "rises": True}
+    flat = {"stages": [{"source_top1": {"mean": m}} for m in (98.0, 99.0, 98.9)]}
+    assert not source_rises(flat)["rises"]
 
 
 @pytest.mark.slow  # imports the recipe (timm, Accelerate): seconds
@@ -176,3 +241,10 @@ def test_target_without_label_column_is_named(source_run, tmp_path):
 def test_bad_target_is_named(source_run, tmp_path, target, expected):
     message = error_of(["--source_runs", str(source_run), "--targets", target, *TINY, "--output_dir", str(tmp_path)])
     assert expected in message
+
+
+@pytest.mark.slow
+def test_unknown_primary_target_is_named(source_run, tmp_path):
+    message = error_of(["--source_runs", str(source_run), "--targets", REST, "--primary_target", "elsewhere", *TINY,
+                        "--output_dir", str(tmp_path)])
+    assert "primary_target: invalid value 'elsewhere'" in message and "rest" in message
