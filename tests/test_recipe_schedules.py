@@ -14,7 +14,7 @@ from engine.peers import PEERS, TRAINABLE  # noqa: E402
 from engine.schedules import Schedule, current_lr  # noqa: E402
 
 CFG = SimpleNamespace(lr=0.1, momentum=0.9, weight_decay=5e-4, batch_size=64, lr_reference_batch=0, decay_rate=0.1,
-                      milestones=[2, 4], patience=1, num_stages=3)
+                      milestones=[2, 4], patience=1, num_stages=3, decay_shape="", schedule_updates=0)
 UPDATES_PER_EPOCH, EPOCHS = 10, 6
 
 
@@ -68,6 +68,9 @@ def test_resumed_schedule_continues_exactly(name, cut):
     whole = train(*new_run(name), range(EPOCHS * UPDATES_PER_EPOCH))
     model, optimizer, schedule = new_run(name)
     first = train(model, optimizer, schedule, range(cut))
+    if first[-1][3]:  # the schedule ended the run before the cut
+        assert first == whole
+        return
     states = [saved(part.state_dict()) for part in (model, optimizer, schedule)]
     model, optimizer, schedule = new_run(name)
     for part, state in zip((model, optimizer, schedule), states):  # Accelerate's order: models, optimizers, rest
@@ -102,3 +105,59 @@ def test_every_peer_says_why_and_builds_a_new_schedule():
             first, second = peer.schedule(CFG), peer.schedule(CFG)
             assert isinstance(first, Schedule) and first is not second, name
     assert PEERS["oracle"].schedule is None and "oracle" not in TRAINABLE
+
+
+def test_fixed_length_schedules_end_the_run_at_their_share_of_the_budget():
+    for name, length in (("cosine_40", 24), ("wsd_60", 36), ("cosine", 60)):
+        trace = train(*new_run(name), range(EPOCHS * UPDATES_PER_EPOCH))
+        assert len(trace) == length and trace[-1][3] and trace[-1][1] == pytest.approx(0.0, abs=1e-12), name
+
+
+def test_wsd_holds_the_lr_then_cools_down_as_one_minus_sqrt():
+    trace = train(*new_run("wsd"), range(EPOCHS * UPDATES_PER_EPOCH))
+    lrs = [lr for _, lr, _, _ in trace]  # after each update: the LR of the next one
+    cooldown = 12  # 20% of 60 updates
+    assert lrs[:48] == pytest.approx([0.1] * 48)
+    assert lrs[48 + cooldown // 2 - 1] == pytest.approx(0.1 * (1 - (0.5 ** 0.5)))
+    assert all(later < earlier for earlier, later in zip(lrs[47:], lrs[48:]))
+    assert {stage for _, _, stage, _ in trace} == {0}
+
+
+def test_paired_length_overrides_the_budget():
+    cfg = SimpleNamespace(**{**vars(CFG), "schedule_updates": 17})
+    for name in ("cosine", "wsd"):
+        schedule = PEERS[name].schedule(cfg)
+        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+        schedule.start(optimizer, 10, 60)
+        ends = []
+        for _ in range(17):
+            optimizer.step()
+            ends.append(schedule.after_update(torch.tensor(1.0)))
+        assert ends == [False] * 16 + [True], name
+
+
+def test_schedule_free_evaluates_its_average_with_recomputed_batchnorm():
+    """Inside `evaluation` the optimizer holds its evaluation weights and BatchNorm's statistics are those of
+    the training data under them; training resumes at its own weights."""
+    from engine.optimizer_schedules import ScheduleFree
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 1))
+    schedule = ScheduleFree(lr=0.05, warmup_fraction=0.05)  # the peer's 1.0 is for the CNN, too much here
+    optimizer = schedule.make_optimizer(model, CFG)
+    schedule.start(optimizer, UPDATES_PER_EPOCH, EPOCHS * UPDATES_PER_EPOCH)
+    train(model, optimizer, schedule, range(25))
+    inputs = 3.0 + torch.randn(64, 4, generator=torch.Generator().manual_seed(1))
+    batches = SimpleNamespace(epoch=lambda epoch: iter([(64, [(inputs, None)])] * 60))
+    training_weights = [p.detach().clone() for p in model.parameters()]
+    trained_statistics = model[1].running_mean.clone()  # of inputs around 0, under the training weights
+    with schedule.evaluation(model, batches):
+        assert not optimizer.param_groups[0]["train_mode"]
+        evaluation_weights = [p.detach().clone() for p in model.parameters()]
+        model.eval()
+        features = model[0](inputs)
+        assert torch.allclose(model[1].running_mean, features.mean(0), rtol=0.01)  # 50 batches at momentum 0.1
+    assert optimizer.param_groups[0]["train_mode"]
+    assert not torch.allclose(model[1].running_mean, trained_statistics, rtol=0.1)
+    assert any(not torch.equal(a, b) for a, b in zip(training_weights, evaluation_weights))
+    assert all(torch.equal(a, b) for a, b in zip(training_weights, model.parameters()))

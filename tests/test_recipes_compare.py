@@ -24,7 +24,7 @@ def run_recipe(*overrides: str) -> subprocess.CompletedProcess:
         "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")])),
     }
     command = [sys.executable, str(RECIPE), "--config", str(CONFIG), *overrides]
-    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
 
 
 @pytest.mark.slow
@@ -149,3 +149,69 @@ def test_noisy_mnist1d_flips_train_labels_only():
     assert 0.13 < flipped < 0.17
     assert (clean.test_targets == noisy.test_targets).all()
     assert (clean.train_inputs == noisy.train_inputs).all()
+
+
+@pytest.mark.slow
+def test_frontier_peers_and_paired_comparison_end_to_end(tmp_path):
+    finished = run_recipe(
+        "--epochs", "2", "--seeds", "0", "--jobs", "1", "--num_samples", "2000",  # 25 updates per epoch
+        "--schedules", "step", "autodecay", "constant", "cosine", "cosine_40", "wsd", "wsd_40", "schedulefree",
+        "--output_dir", str(tmp_path),
+    )
+    assert finished.returncode == 0, finished.stderr
+    document = json.loads((tmp_path / "results.json").read_text())
+    runs = {run["schedule"]: run for run in document["runs"]}
+    assert runs["cosine_40"]["updates"] == runs["wsd_40"]["updates"] == 20  # 40% of 2 x 25 updates
+    assert runs["cosine"]["updates"] == runs["wsd"]["updates"] == runs["schedulefree"]["updates"] == 50
+    assert runs["schedulefree_80"]["epochs"] == 2 and runs["schedulefree_40"]["epochs"] == 1  # read off one run
+    auto = runs["autodecay"]
+    paired_runs = {run["schedule"]: run for run in document["paired_runs"]}
+    assert set(paired_runs) == {"cosine", "wsd"}
+    for run in paired_runs.values():  # trained to AutoDecay's own length, same seed
+        assert run["updates"] == auto["updates"] and run["seed"] == 0 and run["paired_with"] == "autodecay"
+    paired = document["tables"]["mnist1d"]["paired"]["autodecay"]
+    (line,) = paired["per_seed"]
+    best = max(paired_runs.values(), key=lambda run: run["test_top1"])
+    assert line["deficit"] == pytest.approx(best["test_top1"] - auto["test_top1"])
+    assert paired["mean_deficit"] == line["deficit"] and paired["epochs_mean"] == auto["epochs"]
+    rows = {row["schedule"]: row for row in document["tables"]["mnist1d"]["rows"]}
+    assert rows["wsd_40"]["frontier"] == rows["wsd"]["frontier"] == "wsd" and rows["schedulefree_60"]["frontier"]
+    assert "against the frontier at its own length" in (tmp_path / "results.md").read_text()
+    assert (tmp_path / "pareto.png").stat().st_size > 0
+
+
+def autodecay_run(seed: int, top1: float, epochs: float) -> dict:
+    return {"schedule": "autodecay", "seed": seed, "test_top1": top1, "epochs": epochs, "updates": round(epochs * 125)}
+
+
+def test_paired_deficit_is_the_better_rival_minus_the_run_per_seed():
+    from engine.comparison import paired_checks, paired_comparison, paired_table
+
+    runs = [autodecay_run(1, 98.6, 17.0), autodecay_run(0, 98.4, 18.0)]
+    rivals = [{"schedule": "cosine", "seed": 0, "test_top1": 98.5}, {"schedule": "wsd", "seed": 0, "test_top1": 98.7},
+              {"schedule": "cosine", "seed": 1, "test_top1": 98.2}, {"schedule": "wsd", "seed": 1, "test_top1": 98.1}]
+    summary = paired_comparison(runs, rivals)
+    assert [(line["seed"], line["best"]) for line in summary["per_seed"]] == [(0, "wsd"), (1, "cosine")]
+    assert [line["deficit"] for line in summary["per_seed"]] == pytest.approx([0.3, -0.4])
+    assert summary["mean_deficit"] == pytest.approx(-0.05) and summary["sd_deficit"] == pytest.approx(0.7 / 2**0.5)
+    assert summary["epochs_mean"] == 17.5 and summary["top1_mean"] == pytest.approx(98.5)
+    checks = paired_checks(summary, max_deficit=0.1, max_epochs=17.0, min_top1=0.0)
+    assert checks["mean_deficit"]["passed"] and not checks["epochs_mean"]["passed"] and "top1_mean" not in checks
+    table = paired_table("autodecay", summary, checks)
+    assert "| 0 | 18.0 | 98.40 | 98.50 | 98.70 | wsd | +0.30 |" in table and "FAILED" in table
+    assert paired_comparison(runs, [])["per_seed"] == []  # no rival trained: nothing to compare
+
+
+def test_budget_points_read_a_run_at_shares_of_the_budget():
+    from engine.comparison import budget_point_runs, frontier_of
+
+    curves = [{"epoch": float(e), "updates": 125 * e, "test_top1": 90.0 + e / 10, "test_loss": 1.0 / e}
+              for e in range(1, 31)]
+    run = {"schedule": "schedulefree", "seed": 3, "test_top1": 93.0, "epochs": 30.0, "updates": 3750,
+           "decay_epochs": [], "curves": curves}
+    points = {point["schedule"]: point for point in budget_point_runs([run], budget_epochs=30)}
+    assert set(points) == {"schedulefree_40", "schedulefree_60", "schedulefree_80"}
+    assert points["schedulefree_60"]["epochs"] == 18 and points["schedulefree_60"]["test_top1"] == pytest.approx(91.8)
+    assert len(points["schedulefree_40"]["curves"]) == 12 and points["schedulefree_80"]["seed"] == 3
+    assert frontier_of("schedulefree_40") == "schedulefree" and frontier_of("wsd_40") == "wsd"
+    assert frontier_of("step") == ""

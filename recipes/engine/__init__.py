@@ -10,5 +10,6 @@ data, and Accelerate. The recipes (one file per job, next to this package) impor
   `optimizer_schedules` (peers that own their optimizer);
 - `peers`: every schedule by name with the settings a user would pick and why (`PEERS`);
 - `loop`: one run (`train_run`); `oracle`: the best fixed StepDecay in hindsight, by a prefix-sharing search;
-- `study`: runs in a pool of worker processes and a study's outputs; `plots`: a run's figure.
+- `comparison`: the schedule comparison's rows, tables and the paired comparison with the frontier;
+- `study`: runs in a pool of worker processes and a study's outputs; `plots`: the figures.
 """

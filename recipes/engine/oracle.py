@@ -11,6 +11,7 @@ so a grid point matches the full StepDecay run bit for bit. Cost: max(m1) + len(
 len(m1) x len(gaps) x max(tail) epochs instead of a full run per grid point.
 """
 import copy
+import statistics
 import time
 
 import numpy as np
@@ -86,3 +87,32 @@ def choose_oracle(grids: list[dict], target: float) -> tuple[str, float]:
     else:
         best = max(means, key=means.get)
     return best, means[best]
+
+
+def resolve_oracle(results: list[dict], tolerance: float) -> tuple[list[dict], dict]:
+    """Replace each task's per-seed oracle grids by the chosen fixed schedule's runs. The target is
+    StepDecay's mean accuracy on the oracle's seeds (paired; all StepDecay runs if it has none of
+    them) minus `tolerance`. Returns (the runs, {task: the oracle's grid means and choice})."""
+    runs, oracles = [], {}
+    for task in dict.fromkeys(run["task"] for run in results):
+        grids = [run for run in results if run["task"] == task and run["schedule"] == "oracle"]
+        if not grids:
+            continue
+        seeds = {run["seed"] for run in grids}
+        step = [run for run in results if run["task"] == task and run["schedule"] == "step"]
+        step_paired = [run["test_top1"] for run in step if run["seed"] in seeds] or [run["test_top1"] for run in step]
+        target = statistics.mean(step_paired) - tolerance
+        key, mean = choose_oracle([run["grid"] for run in grids], target)
+        m1, m2, length = map(int, key.split(","))
+        oracles[task] = {
+            "target": target, "step_mean_on_oracle_seeds": statistics.mean(step_paired), "chosen": key,
+            "milestones": [m1, m2], "length": length, "mean_top1": mean, "reached_target": mean >= target,
+            "grid_means": {k: statistics.mean(run["grid"][k] for run in grids) for k in grids[0]["grid"]},
+            "per_seed_grids": {run["seed"]: run["grid"] for run in grids},
+            "epochs_trained_per_seed": [run["epochs_trained"] for run in grids],
+        }
+        runs += [{"schedule": "oracle", "task": task, "seed": run["seed"], "test_top1": run["grid"][key],
+                  "epochs": float(length), "updates": None, "decay_epochs": [float(m1), float(m2)],
+                  "wall_seconds": run["wall_seconds"], "curves": oracle_curve(run["curves"], m1, m2, length)}
+                 for run in grids]
+    return [run for run in results if run["schedule"] != "oracle"] + runs, oracles

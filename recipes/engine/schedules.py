@@ -19,12 +19,15 @@ leaves `after_update` alone. The peers that are not plain LR schedules (dlib's s
 schedule-free) live in `slope_test.py` and `optimizer_schedules.py`; `peers.py` names them all.
 """
 import contextlib
+import functools
+import math
 import warnings
 
-from torch.optim.lr_scheduler import CosineAnnealingLR, MultiStepLR, ReduceLROnPlateau
+from torch.optim.lr_scheduler import CosineAnnealingLR, LambdaLR, MultiStepLR, ReduceLROnPlateau
 
 from timm_autodecay import AutoDecayLR
 
+from .config import ConfigError
 from .optimizers import sgd_optimizer
 
 
@@ -116,13 +119,52 @@ class StepDecay(TorchSchedule):
         return MultiStepLR(optimizer, [epoch * updates_per_epoch for epoch in self.milestones], gamma=self.decay_rate)
 
 
-class Cosine(TorchSchedule):
-    """Cosine from the initial LR to 0 over the budget, per update (torch `CosineAnnealingLR`)."""
+class FixedLength(TorchSchedule):
+    """A schedule that anneals the LR to 0 over a length fixed in advance and ends the run there: `updates`
+    when given, else `budget_fraction` of the budget (the frontier's points: 40%, 60%, ... of it)."""
 
     decays_in_steps = False
 
+    def __init__(self, budget_fraction: float = 1.0, updates: int = 0):
+        super().__init__()
+        self.budget_fraction, self.updates = budget_fraction, updates
+
+    def start(self, optimizer, updates_per_epoch, total_updates):
+        self.length = self.updates or round(self.budget_fraction * total_updates)
+        if not 0 < self.length <= total_updates:
+            raise ConfigError(f"schedule_updates: invalid value {self.length} (1 to the budget, {total_updates})")
+        super().start(optimizer, updates_per_epoch, total_updates)
+
+    def after_update(self, loss):
+        super().after_update(loss)
+        return self.scheduler.last_epoch >= self.length
+
+
+class Cosine(FixedLength):
+    """Cosine from the initial LR to 0 over its length, per update (torch `CosineAnnealingLR`)."""
+
     def make_scheduler(self, optimizer, updates_per_epoch, total_updates):
-        return CosineAnnealingLR(optimizer, T_max=total_updates)
+        return CosineAnnealingLR(optimizer, T_max=self.length)
+
+
+def wsd_factor(update: int, length: int, cooldown: int) -> float:
+    """Warmup-stable-decay without warmup: 1 until `length - cooldown` updates are done, then 1 - sqrt of
+    the cooldown's progress, 0 at `length` (the "1-sqrt" cooldown of timm's and the Trainer's WSD)."""
+    progress = (update - (length - cooldown)) / cooldown
+    return 1.0 - math.sqrt(min(1.0, progress)) if progress > 0 else 1.0
+
+
+class WSD(FixedLength):
+    """Warmup-stable-decay: the initial LR (no warmup), then a 1-sqrt cooldown to 0 over the last
+    `cooldown_fraction` of its length, per update."""
+
+    def __init__(self, budget_fraction: float = 1.0, updates: int = 0, cooldown_fraction: float = 0.2):
+        super().__init__(budget_fraction, updates)
+        self.cooldown_fraction = cooldown_fraction
+
+    def make_scheduler(self, optimizer, updates_per_epoch, total_updates):
+        cooldown = max(1, round(self.cooldown_fraction * self.length))
+        return LambdaLR(optimizer, functools.partial(wsd_factor, length=self.length, cooldown=cooldown))
 
 
 class Plateau(Schedule):

@@ -31,7 +31,9 @@ class TrainConfig:
     decay_rate: float = 0.1  # LR multiplier at each decay (step, plateau, autodecay)
     milestones: list[int] = field(default_factory=lambda: [10, 20])  # step: epochs at which to decay
     patience: int = 10  # plateau: epochs without improvement of the training loss before a decay
-    num_stages: int = 3  # autodecay: the run ends when the last stage has ended
+    num_stages: int = 0  # autodecay: stages, the run ends after the last (0: AutoDecay's default); slope: 0 = 3
+    decay_shape: str = field(default="", metadata={"choices": ("", "step", "cooldown")})  # autodecay ("": default)
+    schedule_updates: int = 0  # cosine, wsd: their length in updates, the run ends there (0: the budget)
     seed: int = 0  # model init and data order
     # image data read through `datasets` (task hub: a hub name or local path; task image_folder: a folder)
     dataset: str = ""
