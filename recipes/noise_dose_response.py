@@ -31,6 +31,9 @@ lr, the trend: Spearman's rho of S against ln(noise scale) over all stable runs 
 the least-squares slope of S per doubling of the noise scale (bootstrap interval, resampled within B).
 Several `lrs` make the stability sweep that chose the study's LR.
 
+Launched on one process, whole runs go to a pool of `jobs` worker processes; launched on several, each run
+is data-parallel over all of them (the update and its micro-batches split between the processes).
+
 Writes into `output_dir`: each run's folder (`lr{lr}/batch{B}/seed{s}/`: metrics.jsonl, summary.json with
 every update's loss), `summary.json` (runs, per-B statistics, the trend test, the config),
 `noise_dose_response.md` (the tables) and `noise_dose_response.png`.
@@ -47,7 +50,7 @@ from engine.config import ConfigError, load_config
 from engine.loop import train_run
 from engine.schedules import Schedule, current_lr
 from engine.study import run_in_pool
-from engine.tasks import make_task
+from engine.tasks import ImageTask, make_task
 from engine.train_config import TrainConfig
 
 from study_statistics import (
@@ -107,6 +110,10 @@ class FractionSchedule(Schedule):
         self._last_lr = current_lr(optimizer)
 
     def after_update(self, loss) -> bool:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():  # the mean over processes
+            loss = loss.detach().clone()
+            torch.distributed.all_reduce(loss)
+            loss /= torch.distributed.get_world_size()
         self.losses.append(float(loss))
         self._set_lr()
         if len(self.losses) in self.decay_updates:
@@ -128,19 +135,19 @@ class FractionSchedule(Schedule):
 # ----------------------------------------------------------------------------------------------
 # Runs
 # ----------------------------------------------------------------------------------------------
-def run_plan(cfg: DoseResponseConfig, train_size: int) -> list[dict]:
+def run_plan(cfg: DoseResponseConfig, train_size: int, processes: int = 1) -> list[dict]:
     """Every run of the study: lr, batch size, seed, its updates and its TrainConfig; largest first (the
-    longest runs start first in the pool)."""
+    longest runs start first in the pool). `processes`: data-parallel processes sharing each update."""
     plans = []
     for lr in cfg.lrs:
         for batch_size in sorted(cfg.batch_sizes, reverse=True):
             size = min(batch_size, train_size)
             full_batch = size == train_size
             updates = max(cfg.min_updates, math.ceil(cfg.min_epochs * train_size / size))
-            micro = math.ceil(size / cfg.micro_batch)
-            if full_batch and train_size % micro:
-                raise ConfigError(f"micro_batch: {cfg.micro_batch} gives {micro} micro-batches, which do not "
-                                  f"split the {train_size} training samples evenly (full batch)")
+            micro = math.ceil(size / (processes * cfg.micro_batch))  # per process
+            if full_batch and train_size % (processes * micro):
+                raise ConfigError(f"micro_batch: {cfg.micro_batch} gives {processes} x {micro} micro-batches, which "
+                                  f"do not split the {train_size} training samples evenly (full batch)")
             for seed in cfg.seeds:
                 run_cfg = TrainConfig(**{f.name: getattr(cfg, f.name) for f in fields(TrainConfig)})
                 run_cfg = replace(
@@ -306,26 +313,42 @@ def plot_dose_response(runs: list[dict], by_lr: dict, cfg: DoseResponseConfig, p
     figure.savefig(path, dpi=120)
 
 
-def main(argv=None) -> dict:
-    cfg = load_config(DoseResponseConfig, argv, description=__doc__)
+def train_all(cfg: DoseResponseConfig, show) -> list[dict]:
+    """Every run of the plan. Launched on one process, whole runs go to a pool of `jobs` worker processes;
+    launched on several (accelerate launch, torchrun), the runs are data-parallel, one after the other."""
+    processes = int(os.environ.get("WORLD_SIZE", "1"))
     try:
-        train_size = len(make_task(cfg).train_targets)
-        plans = run_plan(cfg, train_size)
+        task = make_task(cfg)
+        train_size = task.train_size if isinstance(task, ImageTask) else len(task.train_targets)
+        plans = run_plan(cfg, train_size, processes)
     except ConfigError as error:
         raise SystemExit(f"noise_dose_response.py: error: {error}") from error
     settings = {"warmup_fraction": cfg.warmup_fraction, "decay_fractions": cfg.decay_fractions,
                 "decay_rate": cfg.decay_rate}
-    print(f"{len(plans)} runs: lr {cfg.lrs} x batch {sorted(cfg.batch_sizes)} x seeds {cfg.seeds} "
-          f"({train_size} training samples)")
+    show(f"{len(plans)} runs: lr {cfg.lrs} x batch {sorted(cfg.batch_sizes)} x seeds {cfg.seeds} "
+         f"({train_size} training samples)")
     results = []
-    for run in run_in_pool(run_one, [(plan, settings) for plan in plans], min(cfg.jobs, len(plans))):
+    jobs = 1 if processes > 1 else min(cfg.jobs, len(plans))
+    for run in run_in_pool(run_one, [(plan, settings) for plan in plans], jobs):
         results.append(run)
-        print(f"  lr {run['lr']:g} batch {run['batch_size']} seed {run['seed']}: {run['updates']} updates, "
-              f"{run['test_top1']:.1f}% in {run['wall_seconds']:.0f} s", flush=True)
-    results.sort(key=lambda run: (run["lr"], run["batch_size"], run["seed"]))
-    runs = measure(results, cfg)
+        show(f"  lr {run['lr']:g} batch {run['batch_size']} seed {run['seed']}: {run['updates']} updates, "
+             f"{run['test_top1']:.1f}% in {run['wall_seconds']:.0f} s")
+    return sorted(results, key=lambda run: (run["lr"], run["batch_size"], run["seed"]))
+
+
+def main(argv=None) -> dict:
+    cfg = load_config(DoseResponseConfig, argv, description=__doc__)
+    main_process = int(os.environ.get("RANK", "0")) == 0
+
+    def show(text):
+        if main_process:
+            print(text, flush=True)
+
+    runs = measure(train_all(cfg, show), cfg)
     by_lr = statistics(runs, cfg)
     table = dose_table(by_lr, cfg.lrs)
+    if not main_process:
+        return {"runs": runs, "by_lr": by_lr, "table": table}
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     summary = {"runs": [{k: v for k, v in run.items() if k != "losses"} for run in runs],
@@ -333,8 +356,8 @@ def main(argv=None) -> dict:
     (output_dir / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     (output_dir / "noise_dose_response.md").write_text(table + "\n")
     plot_dose_response(runs, by_lr, cfg, output_dir / "noise_dose_response.png")
-    print(table)
-    print(f"summary.json, noise_dose_response.md and noise_dose_response.png in {cfg.output_dir}")
+    show(table)
+    show(f"summary.json, noise_dose_response.md and noise_dose_response.png in {cfg.output_dir}")
     return {"runs": runs, "by_lr": by_lr, "table": table}
 
 

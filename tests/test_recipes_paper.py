@@ -137,6 +137,24 @@ def test_noise_dose_response_smoke(tmp_path):
     assert (tmp_path / "noise_dose_response.png").stat().st_size > 0
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_noise_dose_response_two_processes(tmp_path, torchrun):
+    """Data-parallel runs over 2 processes: the full batch split into equal micro-batches per process, every
+    update's loss the mean over both, the study written once."""
+    finished = torchrun(
+        RECIPES / "noise_dose_response.py", "--config", CONFIGS / "noise_dose_response.yaml", "--num_samples", "500",
+        "--batch_sizes", "50", "400", "--seeds", "0", "--min_epochs", "1", "--min_updates", "6", "--micro_batch", "100",
+        "--resamples", "100", "--output_dir", tmp_path, env={"PYTHONPATH": ENV["PYTHONPATH"]},
+    )
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert {(r["batch_size"], r["updates"]) for r in summary["runs"]} == {(50, 8), (400, 6)}
+    run_summary = json.loads((tmp_path / "lr0.1" / "batch400" / "seed0" / "summary.json").read_text())
+    assert run_summary["config"]["grad_accum_steps"] == 2 and run_summary["config"]["full_batch"]  # 2 x 2 x 100
+    assert len(run_summary["update_losses"]) == 6 and finished.stdout.count("| 0.1 | 400 |") == 1
+
+
 @pytest.mark.slow  # imports the recipe (timm, Accelerate): seconds
 def test_dose_response_lists_every_unstable_run():
     from noise_dose_response import DoseResponseConfig, measure, statistics
