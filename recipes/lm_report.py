@@ -172,9 +172,10 @@ def plot_pareto(results: list[dict], schedules: list[str], frontier: list[str], 
             axes.errorbar(xs, ys, yerr=sds, fmt="o" + style, color=colours[peer], capsize=3, label=peer)
         else:
             pairs = next(iter(points.values()))
-            axes.scatter([s for s, _ in pairs], [loss for _, loss in pairs], color=colours[peer], alpha=0.3, s=18)
-            axes.errorbar(xs, ys, yerr=sds, xerr=[_mean_sd([s for s, _ in pairs])[1]], fmt="D",
-                          color=colours[peer], capsize=3, markersize=8, label=peer)
+            axes.scatter([s for s, _ in pairs], [loss for _, loss in pairs], color=colours[peer], alpha=0.3, s=18,
+                         zorder=3)
+            axes.errorbar(xs, ys, yerr=sds, xerr=[_mean_sd([s for s, _ in pairs])[1]], fmt="D", zorder=3,
+                          color=colours[peer], capsize=3, markersize=8, markerfacecolor="none", label=peer)
     axes.set(xlabel="training steps used", ylabel="validation loss (nats per character)",
              title="Character-level GPT-2 on the Python standard library: loss against steps")
     axes.grid(alpha=0.3)
