@@ -14,61 +14,23 @@ AutoDecay is judged paired by seed: against the better of cosine and WSD trained
 evaluations and training-loss log, the table rows, the paired comparison, the acceptance checks),
 `results.md` (the tables) and `pareto.png` (validation loss against steps, frontier lines).
 """
-import argparse
 import json
 import shutil
 import sys
 import time
-import typing
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, fields
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Callable, Optional
 
-import yaml
+from engine.config import load_config
 from lm_report import acceptance, paired_rows, plot_pareto, table_rows, write_results
 from lm_runs import LMTask, RunSpec, lr_multipliers, shared_prefix, train_run
-from lm_task import CorpusError, read_corpus
+from lm_task import read_corpus
 from tqdm.auto import tqdm
 
 from timm_autodecay.detector import SETTINGS
-
-
-@dataclass
-class LMBenchmarkConfig:
-    """The task (pinned), the comparison, and how many runs at once."""
-
-    files: list[str]
-    corpus_sha256: str
-    corpus_dir: Optional[str] = None  # default: this Python's standard-library folder
-    validation_chars: int = 204_800
-    validation_block: int = 4096
-    validation_every: int = 16
-    context: int = 64
-    n_layer: int = 2
-    n_embd: int = 128
-    n_head: int = 4
-    batch_size: int = 16
-    eval_batch_size: int = 64
-    lr: float = 2e-3
-    warmup_steps: int = 40
-    budget_steps: int = 2000
-    logging_steps: int = 10
-    frontier_fractions: list[float] = field(default_factory=lambda: [0.4, 0.6, 0.8, 1.0])
-    wsd_decay_fraction: float = 0.2
-    wsd_decay_type: str = "1-sqrt"
-    step_milestones: list[int] = field(default_factory=lambda: [667, 1333])
-    decay_rate: float = 0.1
-    schedules: list[str] = field(default_factory=lambda: list(PEERS))
-    frontier: list[str] = field(default_factory=lambda: ["cosine", "wsd"])
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    checkpoint_every: int = 80
-    keep_checkpoints: bool = False
-    reuse_runs: bool = False  # take a run's result from its folder when an earlier invocation made it
-    max_paired_deficit: float = 0.01  # nats per character: the acceptance threshold
-    jobs: int = 2
-    output_dir: str = "runs/lm_benchmark"
 
 
 @dataclass(frozen=True)
@@ -82,7 +44,7 @@ class Peer:
     paired: bool = False  # judged against the frontier at its own length
 
 
-def _wsd(cfg: LMBenchmarkConfig, steps: int) -> dict:
+def _wsd(cfg: "LMBenchmarkConfig", steps: int) -> dict:
     kwargs = {"num_decay_steps": round(cfg.wsd_decay_fraction * steps), "decay_type": cfg.wsd_decay_type}
     return {"trainer": {"lr_scheduler_type": "warmup_stable_decay", "lr_scheduler_kwargs": kwargs}}
 
@@ -114,54 +76,47 @@ PEERS = {
 # ----------------------------------------------------------------------------------------------
 # Configuration
 # ----------------------------------------------------------------------------------------------
-def _parse(kind, text: str):
-    if kind is bool:
-        if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
-            raise ValueError(f"expected true or false, got {text!r}")
-        return text.lower() in ("true", "1", "yes")
-    if typing.get_origin(kind) is typing.Union:  # Optional[str]
-        return None if text.lower() in ("none", "null", "") else text
-    return kind(text)
+@dataclass
+class LMBenchmarkConfig:
+    """The task (pinned), the comparison, and how many runs at once."""
 
+    files: list[str] = field(default_factory=list)  # the corpus: modules of corpus_dir, in this order
+    corpus_sha256: str = ""
+    corpus_dir: str = ""  # empty: this Python's standard-library folder
+    validation_chars: int = 204_800
+    validation_block: int = 4096
+    validation_every: int = 16
+    context: int = 64
+    n_layer: int = 2
+    n_embd: int = 128
+    n_head: int = 4
+    batch_size: int = 16
+    eval_batch_size: int = 64
+    lr: float = 2e-3
+    warmup_steps: int = 40
+    budget_steps: int = 2000
+    logging_steps: int = 10
+    frontier_fractions: list[float] = field(default_factory=lambda: [0.4, 0.6, 0.8, 1.0])
+    wsd_decay_fraction: float = 0.2
+    wsd_decay_type: str = field(default="1-sqrt", metadata={"choices": ("1-sqrt", "linear", "cosine")})
+    step_milestones: list[int] = field(default_factory=lambda: [667, 1333])
+    decay_rate: float = 0.1
+    schedules: list[str] = field(default_factory=lambda: list(PEERS), metadata={"choices": tuple(PEERS)})
+    frontier: list[str] = field(default_factory=lambda: ["cosine", "wsd"], metadata={"choices": tuple(PEERS)})
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    checkpoint_every: int = 80
+    keep_checkpoints: bool = False
+    reuse_runs: bool = False  # take a run's result from its folder when an earlier invocation made it
+    max_paired_deficit: float = 0.01  # nats per character: the acceptance threshold
+    jobs: int = 2
+    output_dir: str = "runs/lm_benchmark"
 
-def load_config(argv=None) -> LMBenchmarkConfig:
-    """`--config FILE.yaml` and `--key value` overrides (lists: `--seeds 0 1 2`); a bad key or value ends
-    the program with a message naming it."""
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)
-    parser.add_argument("--config", help="YAML file of config keys")
-    for f in fields(LMBenchmarkConfig):
-        is_list = typing.get_origin(f.type) is list
-        parser.add_argument(f"--{f.name}", nargs="+" if is_list else None, default=argparse.SUPPRESS)
-    args = vars(parser.parse_args(argv))
-    values = yaml.safe_load(Path(args.pop("config")).read_text()) if args.get("config") else {}
-    args.pop("config", None)
-    known = {f.name: f for f in fields(LMBenchmarkConfig)}
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        parser.error(f"unknown config key(s) {unknown}; known: {sorted(known)}")
-    for name, text in args.items():
-        kind = known[name].type
-        try:
-            values[name] = ([_parse(typing.get_args(kind)[0], t) for t in text]
-                            if typing.get_origin(kind) is list else _parse(kind, text))
-        except ValueError as error:
-            parser.error(f"--{name}: {error}")
-    try:
-        cfg = LMBenchmarkConfig(**values)
-    except TypeError as error:
-        parser.error(f"config: {error}")
-    try:
-        check_config(cfg)
-    except ValueError as error:
-        parser.error(str(error))
-    return cfg
 
 
 def check_config(cfg: LMBenchmarkConfig) -> None:
-    unknown = [name for name in cfg.schedules + cfg.frontier if name not in PEERS]
-    if unknown:
-        raise ValueError(f"schedules / frontier: unknown schedule(s) {unknown}; known: {list(PEERS)}")
+    """What the keys' types do not say; raises ValueError naming the key."""
+    if not cfg.files or not cfg.corpus_sha256:
+        raise ValueError("files and corpus_sha256 pin the corpus: give both (recipes/configs/lm_benchmark.yaml)")
     if "autodecay_cooldown" in cfg.schedules and "decay_shape" not in SETTINGS:
         raise ValueError("schedules: autodecay_cooldown needs an AutoDecay with the decay_shape setting")
     if not all(0 < f <= 1 for f in cfg.frontier_fractions):
@@ -337,12 +292,13 @@ def train_all(cfg: LMBenchmarkConfig) -> list[dict]:
 
 
 def main(argv=None) -> dict:
-    cfg = load_config(argv)
+    cfg = load_config(LMBenchmarkConfig, argv, description=__doc__)
     started = time.perf_counter()
-    try:  # the pinned corpus, checked before any run starts
+    try:  # the settings and the pinned corpus, checked before any run starts
+        check_config(cfg)
         read_corpus(cfg.corpus_dir, cfg.files, cfg.corpus_sha256, cfg.validation_chars, cfg.validation_block,
                     cfg.validation_every)
-    except CorpusError as error:
+    except ValueError as error:  # CorpusError included
         sys.exit(f"lm_benchmark: error: {error}")
     results = train_all(cfg)
     budgets = frontier_budgets(cfg)

@@ -121,11 +121,20 @@ def test_benchmark_smoke_on_a_tiny_corpus(tmp_path, capsys):
     assert branched["step"]["resumed_from"] == 8 and branched["wsd@40"]["resumed_from"] == 32
     assert not list((tmp_path / "out" / "runs" / "seed0" / "constant").glob("checkpoint-*"))  # cleaned up
 
-    cfg = lm_benchmark.load_config(argv)
+    cfg = lm_benchmark.load_config(lm_benchmark.LMBenchmarkConfig, argv)
     for job in (lm_benchmark.make_job(cfg, "wsd", 0, 40), lm_benchmark.make_job(cfg, "step", 0, 40)):
         spec = dataclasses.replace(job.spec, resume_from=None, output_dir=str(tmp_path / "straight"))
         straight = train_run(lm_benchmark.task_of(cfg), spec)
         assert straight["val_loss"] == pytest.approx(branched[spec.label]["val_loss"], abs=1e-6)
+
+    # a second invocation with reuse_runs takes every run's result from its folder (the trunk, whose
+    # checkpoints were cleaned up, trains again and ends where it did)
+    again = lm_benchmark.main(argv + ["--reuse_runs", "true"])
+    first = {r["label"]: r for r in summary["runs"]}
+    for run in again["runs"]:
+        assert run["val_loss"] == first[run["label"]]["val_loss"]
+        if run["label"] != "constant":  # not trained again: the same record, wall time included
+            assert run["wall_seconds"] == first[run["label"]]["wall_seconds"]
 
     with pytest.raises(SystemExit, match=corpus["sha256"]):
         lm_benchmark.main(argv[:argv.index("--corpus_sha256")] + ["--corpus_sha256", "0" * 64]
