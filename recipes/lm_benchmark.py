@@ -30,8 +30,6 @@ from lm_runs import LMTask, RunSpec, lr_multipliers, shared_prefix, train_run
 from lm_task import read_corpus
 from tqdm.auto import tqdm
 
-from timm_autodecay.detector import SETTINGS
-
 
 @dataclass(frozen=True)
 class Peer:
@@ -112,13 +110,10 @@ class LMBenchmarkConfig:
     output_dir: str = "runs/lm_benchmark"
 
 
-
 def check_config(cfg: LMBenchmarkConfig) -> None:
     """What the keys' types do not say; raises ValueError naming the key."""
     if not cfg.files or not cfg.corpus_sha256:
         raise ValueError("files and corpus_sha256 pin the corpus: give both (recipes/configs/lm_benchmark.yaml)")
-    if "autodecay_cooldown" in cfg.schedules and "decay_shape" not in SETTINGS:
-        raise ValueError("schedules: autodecay_cooldown needs an AutoDecay with the decay_shape setting")
     if not all(0 < f <= 1 for f in cfg.frontier_fractions):
         raise ValueError(f"frontier_fractions must lie in (0, 1], got {cfg.frontier_fractions}")
     if not 0 < cfg.warmup_steps < min(frontier_budgets(cfg)):
