@@ -131,7 +131,8 @@ def report_task(cfg: CompareConfig, task: str, runs: list[dict], paired_runs: li
     if report["acceptance"]:
         markdown += [f"acceptance: {json.dumps(report['acceptance'])}", ""]
     for name in cfg.paired_with:
-        mine = [run for run in paired_runs if run["paired_with"] == name]
+        mine = sorted((run for run in paired_runs if run["paired_with"] == name),
+                      key=lambda run: cfg.paired_peers.index(run["schedule"]))
         summary = paired_comparison([run for run in runs if run["schedule"] == name], mine)
         if summary["per_seed"]:
             checks = paired_checks(summary, cfg.max_paired_deficit, cfg.max_epochs, cfg.min_top1)

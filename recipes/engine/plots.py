@@ -114,7 +114,11 @@ def plot_pareto(rows: list[dict], paired: dict, path: Path, title: str, toleranc
         axes.axhspan(step["top1_mean"] - tolerance, step["top1_mean"], color="grey", alpha=0.15,
                      label=f"StepDecay - {tolerance:g} pt")
     accuracies = [row["top1_mean"] for row in rows]
-    axes.set_ylim(max(min(accuracies) - 1.0, max(accuracies) - 6.0), max(accuracies) + 0.5)
+    bottom = max(min(accuracies) - 0.3, max(accuracies) - 2.0)  # the frontier's range, not a failed peer's
+    axes.set_ylim(bottom, max(accuracies) + 0.3)
+    below = [f"{row['schedule']} {row['top1_mean']:.2f}%" for row in rows if row["top1_mean"] < bottom]
+    if below:
+        axes.text(0.01, 0.01, "below the axis: " + ", ".join(below), transform=axes.transAxes, fontsize=8)
     axes.set(xlabel="epochs used (mean over seeds)", ylabel="final test top-1 (%)", title=title)
     axes.grid(alpha=0.3)
     axes.legend(fontsize=7, loc="lower right")
