@@ -48,12 +48,12 @@ def _wsd(cfg: "LMBenchmarkConfig", steps: int) -> dict:
 
 
 PEERS = {
-    "autodecay": Peer("the project's defaults (step shape) on the Trainer's constant_with_warmup, as its docs "
-                      "pair them; given only the run's shape by the Trainer",
+    "autodecay": Peer("the project's defaults on the Trainer's constant_with_warmup, as its docs pair them, given "
+                      "only the run's shape by the Trainer: the stable phase ends on a plateau (or at its budget "
+                      "share), then a WSD-style 1-sqrt cooldown",
                       lambda cfg, steps: {"autodecay": {}}, paired=True),
-    "autodecay_cooldown": Peer("the same with decay_shape='cooldown': the stable phase ends on a plateau (or at "
-                               "its budget share), then a WSD-style 1-sqrt cooldown",
-                               lambda cfg, steps: {"autodecay": {"decay_shape": "cooldown"}}, paired=True),
+    "autodecay_step": Peer("the same with the paper's step shape: x0.1 at each detected stage end, 3 stages",
+                           lambda cfg, steps: {"autodecay": {"decay_shape": "step"}}, paired=True),
     "cosine": Peer("the Trainer's cosine to 0 at the budget, same warmup: the common no-tuning choice",
                    lambda cfg, steps: {"trainer": {"lr_scheduler_type": "cosine"}}, lengths="frontier"),
     "wsd": Peer("the Trainer's warmup_stable_decay, 1-sqrt cooldown over the last 20%: current LM practice "

@@ -16,7 +16,6 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from transformers import (  # noqa: E402
     DefaultFlowCallback,
-    Trainer,
     TrainerCallback,
     TrainerControl,
     TrainerState,
@@ -98,6 +97,8 @@ def user_trainer(output_dir, callbacks, eval_dataset=None, model_class=MLP, opti
     """A Trainer as a user writes it: nothing AutoDecay-specific but the callback. ``optimizer``: a function
     of the model's parameters building the optimizer the Trainer is given (else it builds ``optim``);
     ``scheduler``: a function of that optimizer building the scheduler it is given."""
+    from transformers import Trainer  # seconds to import: only the tests that train pay for it
+
     settings = dict(
         output_dir=str(output_dir), max_steps=MAX_STEPS, logging_steps=10, lr_scheduler_type="constant",
         learning_rate=LR, optim="sgd", per_device_train_batch_size=32, save_steps=100, seed=0,

@@ -41,7 +41,7 @@ def noisy_series(length, seed=0, noise=0.1, tau=300.0):
 
 
 # -- the spike grid: one bad batch must not move a decision ---------------------------------------
-SPIKE_SHAPE = {"total_updates": 3000, "updates_per_epoch": 100}
+SPIKE_SHAPE = {"total_updates": 3000, "updates_per_epoch": 100, "decay_shape": "step"}
 # an outlier is this many times the running loss; 0.0 is a single zero, as a NaN filter may log one
 SPIKE_FACTORS = (3.0, 1e3, 1e6, 0.0)
 SPIKE_SEEDS = (0, 1, 2, 3, 4)

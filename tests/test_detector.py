@@ -27,7 +27,7 @@ def feed(detector, values):
 @pytest.mark.parametrize("noise", [0.02, 0.1, 0.3])
 @pytest.mark.parametrize("scale", [0.01, 100.0])
 def test_each_stage_ends_on_its_plateau_not_in_its_sharp_drop(tau, noise, scale):
-    detector = StageDetector(total_updates=BUDGET)
+    detector = StageDetector(decay_shape="step", total_updates=BUDGET)
     decisions, ages = run_closed_loop(detector, tau, noise, scale)
     assert [d.action for d in decisions] == ["decay", "decay", "finish"]
     assert [d.reason for d in decisions] == ["plateau"] * 3
@@ -40,7 +40,7 @@ def test_each_stage_ends_on_its_plateau_not_in_its_sharp_drop(tau, noise, scale)
 
 @pytest.mark.parametrize("noise", [0.02, 0.3])
 def test_a_loss_that_keeps_falling_falls_back_to_step_decay_milestones(noise):
-    detector = StageDetector(total_updates=BUDGET)
+    detector = StageDetector(decay_shape="step", total_updates=BUDGET)
     decisions, _ = run_closed_loop(detector, tau=3000, noise=noise)
     assert [(d.update, d.action, d.reason) for d in decisions] == [
         (10_000, "decay", "budget"),
@@ -50,7 +50,7 @@ def test_a_loss_that_keeps_falling_falls_back_to_step_decay_milestones(noise):
 
 
 def test_without_budget_only_plateaus_end_stages():
-    detector = StageDetector(updates_per_epoch=100)
+    detector = StageDetector(decay_shape="step", updates_per_epoch=100)
     assert detector.window == 200
     decisions, _ = run_closed_loop(detector, tau=30, noise=0.1)
     assert [(d.action, d.reason) for d in decisions] == [("decay", "plateau")] * 2 + [("finish", "plateau")]
@@ -58,14 +58,14 @@ def test_without_budget_only_plateaus_end_stages():
 
 def test_noisy_series_with_one_plateau_decays_once_then_would_finish_later():
     values = noisy_series(9_000, noise=0.2, tau=200)
-    decisions = feed(StageDetector(total_updates=BUDGET), values)
+    decisions = feed(StageDetector(decay_shape="step", total_updates=BUDGET), values)
     assert decisions and decisions[0][1:] == ("decay", 1)
     assert 2_800 <= decisions[0][0] < 10_000
 
 
 def test_warmup_updates_are_not_judged():
     values = [5.0] * 1000 + noisy_series(9000, tau=100)
-    detector = StageDetector(total_updates=10_000, num_stages=1, warmup_updates=1000)
+    detector = StageDetector(decay_shape="step", total_updates=10_000, num_stages=1, warmup_updates=1000)
     decisions = feed(detector, values)
     assert decisions[0][0] >= 1000 + detector.window  # the flat warmup did not count as a plateau
     assert detector.stage_budget == 9000
@@ -79,7 +79,7 @@ streams = st.lists(st.floats(0.05, 5.0), min_size=50, max_size=400)
 @given(values=streams, exponent=st.integers(-20, 20), window=st.integers(10, 60))
 def test_rescaling_the_loss_changes_no_decision(values, exponent, window):
     factor = 2.0**exponent  # exact in floating point, so any difference is the detector's
-    make = lambda: StageDetector(num_stages=4, window=window, patience=window // 4, total_updates=600)
+    make = lambda: StageDetector(decay_shape="step", num_stages=4, window=window, patience=window // 4, total_updates=600)
     assert feed(make(), values) == feed(make(), [v * factor for v in values])
 
 
@@ -88,7 +88,7 @@ def test_decisions_are_the_same_on_every_machine():
     schedule and must be deliberate."""
     values = [stage_loss(min(i // 700, 2), i % 700, 60) * (1 + 0.2 * math.sin(i * 1.7) * math.cos(i * 0.31))
               for i in range(2100)]
-    decisions = feed(StageDetector(num_stages=3, total_updates=2100, window=100), values)
+    decisions = feed(StageDetector(decay_shape="step", num_stages=3, total_updates=2100, window=100), values)
     assert decisions == [(531, "decay", 1), (671, "decay", 2), (1147, "finish", 2)]
 
 
@@ -98,7 +98,7 @@ def test_decisions_are_the_same_on_every_machine():
     bad=st.lists(st.sampled_from([math.nan, math.inf, -math.inf]), min_size=1, max_size=5),
 )
 def test_non_finite_losses_never_decide_nor_corrupt(values, bad):
-    detector = StageDetector(num_stages=3, window=20, total_updates=400)
+    detector = StageDetector(decay_shape="step", num_stages=3, window=20, total_updates=400)
     feed(detector, values)
     assume(not detector.finished)
     with pytest.warns(RuntimeWarning, match="non-finite") as warned:
@@ -111,7 +111,7 @@ def test_non_finite_losses_never_decide_nor_corrupt(values, bad):
 
 
 def test_the_budget_holds_when_its_boundary_falls_on_a_non_finite_loss():
-    detector = StageDetector(num_stages=3, total_updates=300, window=200)
+    detector = StageDetector(decay_shape="step", num_stages=3, total_updates=300, window=200)
     with pytest.warns(RuntimeWarning, match="non-finite"):
         actions = [detector.observe(1.0 if n != 99 else math.nan).action for n in range(100)]
     assert actions[:99] == ["continue"] * 99 and actions[99] == "decay"
@@ -119,7 +119,7 @@ def test_the_budget_holds_when_its_boundary_falls_on_a_non_finite_loss():
 
 
 def test_a_window_of_only_non_finite_losses_raises():
-    detector = StageDetector(window=50)
+    detector = StageDetector(decay_shape="step", window=50)
     with pytest.warns(RuntimeWarning, match="non-finite"):
         for _ in range(49):
             detector.observe(math.nan)
@@ -129,7 +129,7 @@ def test_a_window_of_only_non_finite_losses_raises():
 
 @pytest.mark.slow
 def test_state_size_does_not_grow_with_run_length():
-    detector = StageDetector(window=200, num_stages=1, min_progress=0.0)  # the trend alone: never ends
+    detector = StageDetector(decay_shape="step", window=200, num_stages=1, min_progress=0.0)  # the trend alone: never ends
     sizes, points = {}, {}
     for n in range(1, 50_001):
         detector.observe(math.exp(-n / 10_000) * (1 + 0.01 * math.sin(n)))  # 2% per window: never ends
@@ -145,7 +145,7 @@ def test_state_size_does_not_grow_with_run_length():
 @pytest.mark.parametrize("stride", [70, pytest.param(7, marks=pytest.mark.slow)])
 def test_state_round_trip_at_every_cut_point_gives_identical_decisions(stride):
     values = [stage_loss(min(i // 700, 2), i % 700, 60) * (1 + 0.1 * math.sin(i * 1.7)) for i in range(2100)]
-    make = lambda: StageDetector(num_stages=3, window=100, total_updates=2100)
+    make = lambda: StageDetector(decay_shape="step", num_stages=3, window=100, total_updates=2100)
     reference = feed(make(), values)
     assert len(reference) >= 2
     for cut in range(0, len(values), stride):
@@ -161,9 +161,9 @@ def test_state_round_trip_at_every_cut_point_gives_identical_decisions(stride):
 
 
 def test_loading_state_with_other_settings_is_refused():
-    state = StageDetector(window=100).state_dict()
+    state = StageDetector(decay_shape="step", window=100).state_dict()
     with pytest.raises(ValueError, match="window"):
-        StageDetector(window=120).load_state_dict(state)
+        StageDetector(decay_shape="step", window=120).load_state_dict(state)
 
 
 # -- bad settings -----------------------------------------------------------------------------------
@@ -195,7 +195,7 @@ def test_unknown_setting_is_named():
 
 
 def test_observing_after_finish_is_an_error():
-    detector = StageDetector(num_stages=1, total_updates=10)
+    detector = StageDetector(decay_shape="step", num_stages=1, total_updates=10)
     for _ in range(10):
         detector.observe(1.0)
     assert detector.finished and detector.history[-1]["action"] == "finish"
@@ -204,7 +204,7 @@ def test_observing_after_finish_is_an_error():
 
 
 def test_updates_without_a_loss_are_not_judged_but_the_budget_still_holds():
-    detector = StageDetector(num_stages=3, total_updates=300, window=20)
+    detector = StageDetector(decay_shape="step", num_stages=3, total_updates=300, window=20)
     for update in range(50):
         detector.observe(2.0 - update / 100)  # still falling
     assert detector.skip(40).action == "continue"  # missing information is never a plateau
@@ -216,7 +216,7 @@ def test_updates_without_a_loss_are_not_judged_but_the_budget_still_holds():
 @pytest.mark.parametrize("total, warmup, expected", [(1000, 0, [334, 667, 1000]), (1000, 7, [338, 669, 1000]),
                                                      (3750, 0, [1250, 2500, 3750])])
 def test_budget_boundaries_fall_on_the_nominal_milestones_and_the_run_ends_on_the_budget(total, warmup, expected):
-    detector = StageDetector(total_updates=total, warmup_updates=warmup)
+    detector = StageDetector(decay_shape="step", total_updates=total, warmup_updates=warmup)
     while not detector.finished:
         detector.observe(2.0 - detector.update / 1e4)  # still falling: only the budget ends stages
     assert [h["update"] for h in detector.history] == expected

@@ -75,7 +75,7 @@ def test_the_cooldown_never_runs_past_the_budget_whatever_the_warmup():
 
 
 def test_the_step_shape_never_cools_down():
-    detector = StageDetector(total_updates=300)
+    detector = StageDetector(decay_shape="step", total_updates=300)
     decisions, lrs = run_to_finish(detector, [2.0 - i / 1e4 for i in range(300)])
     assert decisions == [(100, "decay"), (200, "decay"), (300, "finish")]
     assert lrs[-1] == pytest.approx(0.01) and not detector.in_cooldown

@@ -22,7 +22,7 @@ def falling_curve(seed, length=3000):
 
 
 def make():
-    return StageDetector(total_updates=3000, updates_per_epoch=100)
+    return StageDetector(decay_shape="step", total_updates=3000, updates_per_epoch=100)
 
 
 def clean_run(values):
@@ -95,7 +95,7 @@ def test_outliers_at_every_25th_bucket_move_no_decision():
 def closed_loop(scale, offset, tau=150, noise=0.1, seed=3):
     """A run whose loss reacts to the decays (stage plateaus 1, 0.3, 0.1), seen as scale * loss + offset."""
     rng = random.Random(seed)
-    detector, stage_start = StageDetector(total_updates=9000), 0
+    detector, stage_start = StageDetector(decay_shape="step", total_updates=9000), 0
     for update in range(9000):
         loss = stage_loss(detector.stage, update - stage_start, tau) * (1 + noise * rng.gauss(0, 1))
         if detector.observe(scale * loss + offset).changed:
@@ -118,7 +118,7 @@ def test_a_scaled_and_shifted_loss_gives_the_same_decisions(scale, offset):
 def test_any_affine_transform_changes_no_decision(values, exponent, offset, window):
     """Losses on a grid of 1/1024, scale a power of two, integer offset: exact in floating point."""
     def decisions(transform):
-        detector = StageDetector(num_stages=4, window=window, patience=window // 4, total_updates=600)
+        detector = StageDetector(decay_shape="step", num_stages=4, window=window, patience=window // 4, total_updates=600)
         out = []
         for value in values:
             if detector.observe(transform(value / 1024)).changed:
@@ -140,7 +140,7 @@ def test_replay_of_a_real_run_decides_alike_under_any_offset_and_scale(tmp_path,
     losses = json.loads(REAL_RUN.read_text())
     shifted = tmp_path / "shifted.json"
     shifted.write_text(json.dumps([scale * v + offset for v in losses]))
-    shape = {"total_updates": 3750, "updates_per_epoch": 125}
+    shape = {"total_updates": 3750, "updates_per_epoch": 125, "decay_shape": "step"}
     reference = replay_file(REAL_RUN, **shape)["decisions"]
     assert [(d["update"], d["action"]) for d in reference][:2] == [(1180, "decay"), (1940, "decay")]
     assert replay_file(shifted, **shape)["decisions"] == reference

@@ -18,7 +18,7 @@ def golden_values():
 
 
 def make():
-    return StageDetector(num_stages=3, window=100, total_updates=2100)
+    return StageDetector(decay_shape="step", num_stages=3, window=100, total_updates=2100)
 
 
 def mid_run_state():
@@ -89,9 +89,9 @@ def test_a_state_that_is_not_a_dict_is_refused():
 
 
 def test_a_state_saved_during_warmup_resumes():
-    first = StageDetector(warmup_updates=50, total_updates=1000)
+    first = StageDetector(decay_shape="step", warmup_updates=50, total_updates=1000)
     for _ in range(10):
         first.observe(1.0)
-    resumed = StageDetector(warmup_updates=50, total_updates=1000)
+    resumed = StageDetector(decay_shape="step", warmup_updates=50, total_updates=1000)
     resumed.load_state_dict(json.loads(json.dumps(first.state_dict())))
     assert resumed.state_dict() == first.state_dict()

@@ -177,6 +177,7 @@ def test_bad_settings_are_refused_by_name(kwargs, message):
         AutoDecayCallback(**kwargs)
 
 
+@pytest.mark.slow  # a real Trainer: seconds to import
 @pytest.mark.parametrize(
     "overrides, message",
     [({"lr_scheduler_type": "reduce_lr_on_plateau", "eval_strategy": "steps"}, "reduce_lr_on_plateau"),
@@ -188,6 +189,7 @@ def test_unusable_trainer_setups_are_refused(tmp_path, overrides, message):
         trainer.train()
 
 
+@pytest.mark.slow  # a real Trainer: seconds to import
 def test_coarse_logging_warns_with_what_to_set(tmp_path):
     trainer = user_trainer(tmp_path, [AutoDecayCallback(**STEP), StopAt(1)], logging_steps=500, save_strategy="no")
     with pytest.warns(UserWarning, match=r"logging_steps=500 gives 0.2 loss logs per AutoDecay window of 100 "

@@ -83,6 +83,7 @@ def test_budget_boundaries_hold_exactly_under_coarse_logging(logging):
     assert run.used[500] == [1.0] and run.used[501] == [0.1]
 
 
+@pytest.mark.slow  # a real Trainer: seconds to import
 @pytest.mark.parametrize(
     "scheduler, absent",
     [(lambda opt: torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=LR, total_steps=1500), "lr_scheduler_type='linear'"),

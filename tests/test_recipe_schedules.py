@@ -92,10 +92,12 @@ def test_cosine_lowers_the_lr_without_ending_stages():
     assert lrs[-1] == pytest.approx(0.0, abs=1e-12) and {stage for _, _, stage, _ in trace} == {0}
 
 
-def test_autodecay_ends_the_run_within_its_budget():
-    trace = train(*new_run("autodecay"), range(EPOCHS * UPDATES_PER_EPOCH))
+@pytest.mark.parametrize("peer, last_stage", [("autodecay", CFG.num_stages), ("autodecay_step", CFG.num_stages - 1)])
+def test_autodecay_ends_the_run_within_its_budget(peer, last_stage):
+    """Every stage but the last ends by a decay; the cooldown (the defaults' shape) is a stage of its own."""
+    trace = train(*new_run(peer), range(EPOCHS * UPDATES_PER_EPOCH))
     assert trace[-1][3] and trace[-1][0] < EPOCHS * UPDATES_PER_EPOCH
-    assert trace[-1][2] == CFG.num_stages - 1  # every stage but the last ended by a decay
+    assert trace[-1][2] == last_stage
 
 
 def test_every_peer_says_why_and_builds_a_new_schedule():

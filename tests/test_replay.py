@@ -168,7 +168,7 @@ def test_counts_default_to_one_and_must_match_the_series():
 
 def test_replay_with_the_real_detector_decays_at_plateaus_and_finishes():
     losses = three_stage_curve()
-    detector = StageDetector(total_updates=len(losses))
+    detector = StageDetector(decay_shape="step", total_updates=len(losses))
     decisions = replay(losses, None, detector)
     assert [d["action"] for d in decisions] == ["decay", "decay", "finish"]
     assert [d["stage"] for d in decisions] == [1, 2, 2]
@@ -190,7 +190,7 @@ def test_budget_ends_stages_at_the_value_covering_the_milestone(tmp_path, fmt):
         state = trainer_state(falling(30, per_value=10), steps=range(10, 301, 10), max_steps=300,
                               logging_steps=10)
         path, settings, last = write_json(tmp_path / "trainer_state.json", state), {}, 29
-    result = replay_file(path, **settings)
+    result = replay_file(path, decay_shape="step", **settings)
     third = (last + 1) // 3
     assert result["decisions"] == [{"index": third - 1, "update": 100, "action": "decay", "stage": 1},
                                    {"index": 2 * third - 1, "update": 200, "action": "decay", "stage": 2},
@@ -201,11 +201,12 @@ def test_budget_ends_stages_at_the_value_covering_the_milestone(tmp_path, fmt):
 # -- the command line ---------------------------------------------------------------------------
 def test_cli_prints_decisions_and_the_full_settings(tmp_path, capsys):
     path = write_json(tmp_path / "losses.json", three_stage_curve())
-    code, out, err = run_cli(capsys, "replay", path, "--total-updates", 1800, "--num-stages", 3)
+    code, out, err = run_cli(capsys, "replay", path, "--total-updates", 1800, "--num-stages", 3,
+                                "--decay-shape", "step")
     assert (code, err) == (0, "")
     result = json.loads(out)
     assert set(result) == {"decisions", "settings"}
-    assert result["settings"] == StageDetector(total_updates=1800).settings()
+    assert result["settings"] == StageDetector(decay_shape="step", total_updates=1800).settings()
     assert [d["action"] for d in result["decisions"]] == ["decay", "decay", "finish"]
 
 
@@ -224,13 +225,14 @@ def test_cli_has_a_flag_for_every_detector_setting(tmp_path, capsys):
 
 def test_cli_summary_and_trainer_state(tmp_path, capsys):
     summary = write_timm_summary(tmp_path / "summary.csv", falling(30, per_value=10))
-    code, out, _ = run_cli(capsys, "replay", summary, "--updates-per-epoch", 10, "--total-updates", 300)
+    code, out, _ = run_cli(capsys, "replay", summary, "--updates-per-epoch", 10, "--total-updates", 300,
+                           "--decay-shape", "step")
     assert code == 0 and [d["index"] for d in json.loads(out)["decisions"]] == [9, 19, 29]
 
     state = trainer_state(falling(30, per_value=10), steps=range(10, 301, 10), max_steps=300,
                           logging_steps=10)
     path = write_json(tmp_path / "trainer_state.json", state)
-    code, out, _ = run_cli(capsys, "replay", path)
+    code, out, _ = run_cli(capsys, "replay", path, "--decay-shape", "step")
     result = json.loads(out)
     assert code == 0 and result["settings"]["total_updates"] == 300  # max_steps from the file
     assert [d["index"] for d in result["decisions"]] == [9, 19, 29]
@@ -327,7 +329,7 @@ def test_cli_runs_as_a_program(tmp_path):
     done = subprocess.run([sys.executable, "-m", "timm_autodecay.cli", "replay", str(path),
                            "--total-updates", "30"], cwd=REPO, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout)["decisions"][-1] == {"index": 29, "update": 30, "action": "finish", "stage": 2}
+    assert json.loads(done.stdout)["decisions"][-1] == {"index": 29, "update": 30, "action": "finish", "stage": 0}
 
 
 def test_non_finite_losses_reach_the_detector_and_a_diverged_run_is_an_error(tmp_path, capsys):

@@ -105,12 +105,16 @@ def test_spike_grid_five_seeds(run, every):
     check_grid(outcomes, run().bucket_size)
 
 
-def test_one_bad_batch_mid_stage_keeps_the_budget_decisions_in_replay_of_a_file(tmp_path, capsys):
+@pytest.mark.parametrize("shape, expected", [
+    ([], [(2399, "cooldown"), (2999, "finish")]),
+    (["--decay-shape", "step"], [(999, "decay"), (1999, "decay"), (2999, "finish")]),
+], ids=["defaults", "step"])
+def test_one_bad_batch_mid_stage_keeps_the_budget_decisions_in_replay_of_a_file(tmp_path, capsys, shape, expected):
     """The case users meet: a loss of 5 at update 1200 of a run still falling everywhere."""
     losses, _ = falling_curve(0)
     losses[1200] = 5.0
     path = tmp_path / "losses.json"
     path.write_text(json.dumps(losses))
-    assert cli_main(["replay", str(path), "--total-updates", "3000", "--updates-per-epoch", "100"]) == 0
+    assert cli_main(["replay", str(path), "--total-updates", "3000", "--updates-per-epoch", "100", *shape]) == 0
     decisions = json.loads(capsys.readouterr().out)["decisions"]
-    assert [(d["index"], d["action"]) for d in decisions] == [(999, "decay"), (1999, "decay"), (2999, "finish")]
+    assert [(d["index"], d["action"]) for d in decisions] == expected

@@ -23,6 +23,7 @@ def one_rank_group(tmp_path):
 
 def make_scheduler(updates_per_epoch=UPE, epochs=30, **settings):
     optimizer = torch.optim.SGD(Toy().parameters(), lr=BASE_LR)
+    settings = {"decay_shape": "step", **settings}  # the shape with short stages: short windows
     return AutoDecayScheduler(optimizer, updates_per_epoch=updates_per_epoch, t_initial=epochs,
                               end_training=False, **settings)
 

@@ -23,10 +23,10 @@ class TimmRun:
     """The scheduler driven as train.py drives it: ``step_update(n, metric=losses_m.avg)`` after every
     update and ``step(epoch)`` after each epoch; its saved state includes train.py's meter."""
 
-    def __init__(self, saved=None):
+    def __init__(self, saved=None, decay_shape="step"):
         optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
         self.sched = AutoDecayScheduler(optimizer, updates_per_epoch=UPDATES_PER_EPOCH, t_initial=EPOCHS,
-                                        end_training=False)
+                                        end_training=False, decay_shape=decay_shape)
         self.meter = AverageMeter()
         if saved is not None:
             state = json.loads(saved)
@@ -75,14 +75,18 @@ def check_grid(outcomes):
         f"{len(moved)} of {len(outcomes)} spiked runs move a decision by more than two buckets, e.g. {moved[:5]}")
 
 
-def test_one_bad_batch_mid_stage_keeps_the_budget_decisions():
+@pytest.mark.parametrize("shape, expected", [
+    ("step", [(1000, "decay"), (2000, "decay"), (3000, "finish")]),
+    ("cooldown", [(2400, "cooldown"), (3000, "finish")]),
+])
+def test_one_bad_batch_mid_stage_keeps_the_budget_decisions(shape, expected):
     """The case users meet: a loss of 5 at update 1200 of a run still falling everywhere."""
     losses, _ = falling_curve(0)
-    clean, spiked = TimmRun(), TimmRun()
+    clean, spiked = TimmRun(decay_shape=shape), TimmRun(decay_shape=shape)
     clean.feed(losses)
     losses[1200] = 5.0
     spiked.feed(losses)
-    assert spiked.decisions == clean.decisions == [(1000, "decay"), (2000, "decay"), (3000, "finish")]
+    assert spiked.decisions == clean.decisions == expected
 
 
 @pytest.mark.slow

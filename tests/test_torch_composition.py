@@ -9,7 +9,7 @@ from loss_curves import stage_loss
 from timm_autodecay import AutoDecayLR
 
 BASE_LRS = (0.1, 0.02)
-SHAPE = dict(total_updates=1500, window=50)
+SHAPE = dict(total_updates=1500, window=50, decay_shape="step")
 WARMUP = 10
 
 

@@ -140,4 +140,4 @@ def test_a_group_added_mid_cooldown_joins_the_anneal_from_its_lr():
 
 def test_min_lr_with_the_step_shape_is_refused():
     with pytest.raises(ValueError, match="min_lr"):
-        AutoDecayLR(make_optimizer(), total_updates=1000, min_lr=1e-3)
+        AutoDecayLR(make_optimizer(), total_updates=1000, min_lr=1e-3, decay_shape="step")

@@ -14,7 +14,7 @@ from loss_curves import stage_loss
 from timm_autodecay import AutoDecayLR, StageDetector
 from timm_autodecay.torch_scheduler import LossAccumulator
 
-SETTINGS = dict(num_stages=3, total_updates=3000, window=100)
+SETTINGS = dict(num_stages=3, total_updates=3000, window=100, decay_shape="step")
 
 
 def make_optimizer(lrs=(0.1, 0.02)):
@@ -139,7 +139,7 @@ def test_an_optimizer_without_lr_is_refused():
 
 
 def test_step_without_a_loss_is_an_error_saying_what_to_write():
-    sched = AutoDecayLR(make_optimizer())
+    sched = AutoDecayLR(make_optimizer(), decay_shape="step")
     with pytest.raises(TypeError, match=r"sched\.step\(loss\)"):
         sched.step()
 
@@ -176,9 +176,9 @@ def test_a_loss_that_is_not_a_number_is_refused_and_not_counted(loss, error, wor
 
 
 def test_numpy_and_torch_scalars_are_accepted_as_settings_and_losses():
-    plain = AutoDecayLR(make_optimizer(), decay_rate=0.5, num_stages=3, total_updates=3000, window=100)
+    plain = AutoDecayLR(make_optimizer(), decay_rate=0.5, num_stages=3, total_updates=3000, window=100, decay_shape="step")
     scalars = AutoDecayLR(make_optimizer(), decay_rate=np.float32(0.5), num_stages=np.int64(3),
-                          total_updates=torch.tensor(3000), window=np.int32(100))
+                          total_updates=torch.tensor(3000), window=np.int32(100), decay_shape="step")
     assert scalars.decay_rate == 0.5 and scalars.state_dict() == plain.state_dict()
     for loss in (np.float32(2.5), np.float64(2.5), torch.tensor(2.5, dtype=torch.float16), 2):
         scalars.step(loss)
@@ -198,7 +198,7 @@ def test_an_unknown_argument_is_refused_naming_it():
 
 def test_stepping_once_per_epoch_instead_of_per_update_warns():
     optimizer = make_optimizer()
-    sched = AutoDecayLR(optimizer, total_updates=3000, updates_per_epoch=100)
+    sched = AutoDecayLR(optimizer, total_updates=3000, updates_per_epoch=100, decay_shape="step")
     with pytest.warns(RuntimeWarning, match="once after every optimizer.step") as caught:
         for epoch in range(3):
             for _ in range(100):
@@ -239,4 +239,4 @@ def test_the_scheduler_pickles_and_deep_copies():
 
 def test_a_budget_given_in_epochs_warns_with_the_updates_it_meant():
     with pytest.warns(RuntimeWarning, match="total_updates=9000"):
-        AutoDecayLR(make_optimizer(), total_updates=90, updates_per_epoch=100)
+        AutoDecayLR(make_optimizer(), total_updates=90, updates_per_epoch=100, decay_shape="step")

@@ -13,7 +13,7 @@ from timm_autodecay import AutoDecayLR
 
 DATA = Path(__file__).with_name("data")
 RELEASE_0_1_0 = DATA / "state_0.1.0_torch.json"
-SHAPE = dict(total_updates=3000, updates_per_epoch=100)
+SHAPE = dict(total_updates=3000, updates_per_epoch=100, decay_shape="step")
 
 
 def two_group_optimizer(lrs=(0.1, 0.02)):

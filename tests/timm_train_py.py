@@ -59,7 +59,7 @@ def feed_epoch_means(scheduler, losses, start=0, stop=None, updates_per_epoch=UP
 def detector_settings(**overrides):
     """Small, explicit settings (only those this detector has)."""
     chosen = dict(window=20, patience=6, significance=1.0, min_relative_drop=0.01, min_points=8,
-                  first_stage_patience=0.0)
+                  first_stage_patience=0.0, decay_shape="step")
     chosen.update(overrides)
     return {k: v for k, v in chosen.items() if k in SETTINGS}
 

@@ -41,8 +41,9 @@ Defaults and why
   two epochs; without either, 500 updates. Long enough for a slope to stand out of SGD noise,
   short enough to notice a plateau well before the milestone.
 * ``patience``: 0.4 windows, so one lucky window cannot end a stage.
-* ``first_stage_patience``: 0.4 of the first stage's age (a plateau first seen at epoch 6 must hold
-  until epoch 8.4). Ending the first stage early costs the most accuracy.
+* ``first_stage_patience``: with the step shape, 0.4 of the first stage's age (a plateau first seen at
+  epoch 6 must hold until epoch 8.4): ending the first stage early costs the most accuracy. With the
+  cooldown shape 0: the stable phase's window, three times longer, already outlasts fake plateaus.
 * ``significance``: 1.64 standard errors (95% one-sided): a stage goes on only while the loss is
   clearly still falling; a slow creep that the noise can hide is not worth the time.
 * ``min_progress``: 5%: a window that adds less than a twentieth of the stage's decrease so far is
@@ -50,8 +51,9 @@ Defaults and why
   (there the last window is at least a quarter of the stage's decrease).
 * ``min_points``: 8 buckets in a window at least, for a meaningful noise estimate; coarser observations
   stretch the window.
-* ``decay_shape``: ``step``, the paper's schedule; ``cooldown`` for AdamW-trained transformers,
-  where a short anneal to zero is worth more than a tenfold step (see the README's benchmarks).
+* ``decay_shape``: ``cooldown``: WSD whose length the detector chooses, on or above the cosine/WSD
+  frontier with SGD on a CNN and with AdamW on a transformer (see the README's benchmarks); ``step``,
+  the paper's schedule, for studying learning stages.
 """
 from __future__ import annotations
 
@@ -75,6 +77,10 @@ DEFAULT_WINDOW_EPOCHS = 2
 DEFAULT_WINDOW_UPDATES = 500
 DEFAULT_PATIENCE_WINDOWS = 0.4
 DEFAULT_STAGES = {"step": 3, "cooldown": 1}
+# The first stage's extra patience guards against the fake short plateaus that a step-shape window (a fifth of
+# a third of the budget) sees in the wander of the highest LR. The cooldown shape's one stage is the whole
+# stable phase, so its window is three times longer and averages that wander out by itself.
+DEFAULT_FIRST_STAGE_PATIENCE = {"step": 0.4, "cooldown": 0.0}
 ROUNDING = 1e-9  # budget shares are fractions of updates; compare them with this slack
 
 
@@ -151,7 +157,9 @@ class StageDetector:
         self.significance = check_float("significance", given["significance"], 0.0)
         self.min_progress = check_float("min_progress", given["min_progress"], 0.0, 1.0)
         self.min_points = check_int("min_points", given["min_points"], 3)
-        self.first_stage_patience = check_float("first_stage_patience", given["first_stage_patience"], 0.0)
+        first_patience = given["first_stage_patience"]
+        self.first_stage_patience = (DEFAULT_FIRST_STAGE_PATIENCE[self.decay_shape] if first_patience is None
+                                     else check_float("first_stage_patience", first_patience, 0.0))
         self.stage_budget = self._stage_budget()
         self.window = check_int("window", given["window"], 2, allow_none=True) or self._default_window()
         patience = check_int("patience", given["patience"], 0, allow_none=True)

@@ -21,9 +21,10 @@ SETTINGS: Dict[str, Tuple[type, Any, str]] = {
     "min_progress": (float, 0.05, "a window's decrease, as a share of the stage's decrease, below which "
                                   "the stage has ended"),
     "min_points": (int, 8, "fewest buckets a window may hold"),
-    "first_stage_patience": (float, 0.4, "the first plateau must also last this fraction of the stage's age"),
-    "decay_shape": (str, "step", "what ends the last stage: 'step' (finish at once) or 'cooldown' (anneal "
-                                 "the LR to its floor, then finish)"),
+    "first_stage_patience": (float, None, "the first plateau must also last this fraction of the stage's age "
+                                          "(default: 0.4 with the step shape, 0 with the cooldown)"),
+    "decay_shape": (str, "cooldown", "what ends the last stage: 'cooldown' (anneal the LR to its floor, then "
+                                     "finish) or 'step' (the paper's schedule: finish at once)"),
     "cooldown_fraction": (float, 0.2, "share of the whole run the cooldown takes (WSD's decay fraction)"),
     "cooldown_curve": (str, "1-sqrt", "the cooldown's shape: '1-sqrt', 'linear' or 'cosine'"),
 }

@@ -81,6 +81,7 @@ def migrate(state: Any) -> Dict[str, Any]:
             if old in settings and settings.pop(old) != 0.01:
                 warnings.warn(f"AutoDecay: the checkpoint's setting {old} no longer exists; {new} takes its "
                               f"place at its default ({DEFAULTS[new]})", RuntimeWarning, stacklevel=3)
+        settings.setdefault("decay_shape", "step")  # the only shape 0.1.0 had
         for name, default in DEFAULTS.items():
             settings.setdefault(name, default)
         state.update(settings=settings, version=STATE_VERSION, stage_reference=None,

@@ -48,11 +48,11 @@ PEERS = {
     "multistep": Peer("StepDecay under torch's name: x`decay_rate` at `milestones`",
                       lambda cfg: StepDecay(cfg.milestones, cfg.decay_rate)),
     "constant": Peer("the initial LR throughout: no schedule at all", lambda cfg: Schedule()),
-    "autodecay": Peer("the project's defaults, given only the run's shape (not tuned here)",
+    "autodecay": Peer("the project's defaults, given only the run's shape (not tuned here): the stable phase ends "
+                      "on a plateau (or its share of the budget), then a 1-sqrt cooldown to 0 over 20% of the run",
                       lambda cfg: AutoDecay(**autodecay_settings(cfg))),
-    "autodecay_cooldown": Peer("the project's defaults with decay_shape cooldown: its one stage ends on a plateau "
-                               "(or its share of the budget), then a 1-sqrt cooldown to 0 over 20% of the run",
-                               lambda cfg: AutoDecay(decay_rate=cfg.decay_rate, decay_shape="cooldown")),
+    "autodecay_step": Peer("the paper's step shape: x`decay_rate` at each detected stage end, 3 stages",
+                           lambda cfg: AutoDecay(decay_rate=cfg.decay_rate, decay_shape="step")),
     "cosine": Peer("cosine to 0 over the whole budget (or `schedule_updates`), per update: timm's default",
                    lambda cfg: Cosine(updates=cfg.schedule_updates), "cosine"),
     **budget_points("cosine", "cosine to 0, per update", lambda fraction: Cosine(fraction)),
