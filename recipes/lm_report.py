@@ -9,9 +9,6 @@ import statistics
 from pathlib import Path
 from typing import Optional
 
-import matplotlib
-from matplotlib.figure import Figure
-
 
 def _mean_sd(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0
@@ -158,6 +155,9 @@ def plot_pareto(results: list[dict], schedules: list[str], frontier: list[str], 
     """Validation loss against steps used: a line (mean ± sd over seeds) for each schedule trained or
     evaluated at several budgets (the frontier solid), a point with error bars for the others, each seed
     faint behind it."""
+    import matplotlib  # here, not at the top: the report's numbers need no plotting library
+    from matplotlib.figure import Figure
+
     figure = Figure(figsize=(8, 5.5), layout="constrained")
     axes = figure.subplots()
     colours = dict(zip(schedules, matplotlib.colormaps["tab10"].colors))

@@ -1,8 +1,8 @@
 """Shared fixtures: one torch thread per test, and the one launcher of multi-process tests.
 
 Every test trains with one torch thread: with two on a busy 2-core machine torch runs many times slower.
-Multi-process tests start their workers (a recipe, `distributed_worker.py`, or a test file run as a script)
-through the `torchrun` fixture: `torchrun(script, *args, processes=2, env=None, timeout=300)`.
+Multi-process tests start their workers (a recipe, or a face's worker in `distributed_worker.py`) through
+the `torchrun` fixture: `torchrun(script, *args, processes=2, env=None, timeout=300)`.
 """
 import os
 import subprocess

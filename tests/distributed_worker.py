@@ -1,15 +1,22 @@
-"""Run by torchrun from test_torch_scheduler.py: two ranks, different losses, one schedule."""
+"""The multi-process tests' workers, one per face, all started by the `torchrun` fixture (conftest.py):
+
+    torchrun --standalone --nproc_per_node 2 tests/distributed_worker.py {torch,timm,trainer} OUT_DIR
+
+Each rank trains with losses of its own and writes what it decided into OUT_DIR; the test compares the ranks.
+"""
 import math
 import os
+import sys
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
 
-from timm_autodecay import AutoDecayLR
+def torch_worker(out_dir: Path) -> None:
+    """AutoDecayLR on two ranks whose losses would each put the stage ends elsewhere."""
+    import torch
+    import torch.distributed as dist
 
+    from timm_autodecay import AutoDecayLR
 
-def main():
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     parameter = torch.nn.Parameter(torch.zeros(2))
@@ -26,12 +33,26 @@ def main():
         lines.append(f"{update} {optimizer.param_groups[0]['lr']:.6g} {sched.stage}")
         if sched.finished:
             break
-    Path(os.environ["OUT_DIR"], f"lrs_rank{rank}.txt").write_text("\n".join(lines) + "\n")
+    (out_dir / f"lrs_rank{rank}.txt").write_text("\n".join(lines) + "\n")
     dist.barrier()
     # Skip gloo's teardown: under load it sometimes aborts at exit ("terminate called without an
     # active exception") after all the work is done and written.
     os._exit(0)
 
 
+def timm_worker(out_dir: Path) -> None:
+    from timm_train_py import two_rank_worker
+
+    two_rank_worker(out_dir)
+
+
+def trainer_worker(out_dir: Path) -> None:
+    from hf_trainer_tasks import two_process_worker
+
+    two_process_worker(out_dir)
+
+
+WORKERS = {"torch": torch_worker, "timm": timm_worker, "trainer": trainer_worker}
+
 if __name__ == "__main__":
-    main()
+    WORKERS[sys.argv[1]](Path(sys.argv[2]))

@@ -214,3 +214,27 @@ class EventRun:
         if self.control.should_save:
             self.saved[step] = json.dumps(self.callback.state(), sort_keys=True)
             self.control.should_save = False
+
+
+def two_process_worker(out_dir):
+    """One rank of the two-process test: the same user-written run, its decisions and LRs to JSON."""
+    from hf_integration import AutoDecayCallback, find_autodecay_callback
+
+    recorder = LRRecorder()
+    trainer = user_trainer(out_dir / "run", [AutoDecayCallback(**STEP), recorder], model_class=RankLossMLP,
+                           per_device_train_batch_size=16, ddp_backend="gloo",
+                           ddp_find_unused_parameters=False)
+    trainer.train()
+    rank = trainer.args.process_index
+    result = {
+        "world_size": trainer.args.world_size,
+        "parallel_mode": trainer.args.parallel_mode.value,
+        "local_losses": trainer.model.local_losses[:20],
+        "logged_losses": {s: e["loss"] for s, e in loss_logs(trainer).items()},
+        "history": find_autodecay_callback(trainer).history,
+        "lrs": {s: e["learning_rate"] for s, e in loss_logs(trainer).items()},
+        "used": recorder.used,
+        "global_step": trainer.state.global_step,
+    }
+    (out_dir / f"rank{rank}.json").write_text(json.dumps(result))
+    torch.distributed.destroy_process_group()  # else gloo can hang at interpreter exit

@@ -79,7 +79,8 @@ streams = st.lists(st.floats(0.05, 5.0), min_size=50, max_size=400)
 @given(values=streams, exponent=st.integers(-20, 20), window=st.integers(10, 60))
 def test_rescaling_the_loss_changes_no_decision(values, exponent, window):
     factor = 2.0**exponent  # exact in floating point, so any difference is the detector's
-    make = lambda: StageDetector(decay_shape="step", num_stages=4, window=window, patience=window // 4, total_updates=600)
+    make = lambda: StageDetector(decay_shape="step", num_stages=4, window=window, patience=window // 4,
+                                 total_updates=600)
     assert feed(make(), values) == feed(make(), [v * factor for v in values])
 
 
@@ -129,7 +130,7 @@ def test_a_window_of_only_non_finite_losses_raises():
 
 @pytest.mark.slow
 def test_state_size_does_not_grow_with_run_length():
-    detector = StageDetector(decay_shape="step", window=200, num_stages=1, min_progress=0.0)  # the trend alone: never ends
+    detector = StageDetector(decay_shape="step", window=200, num_stages=1, min_progress=0.0)  # never ends
     sizes, points = {}, {}
     for n in range(1, 50_001):
         detector.observe(math.exp(-n / 10_000) * (1 + 0.01 * math.sin(n)))  # 2% per window: never ends

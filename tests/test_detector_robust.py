@@ -118,7 +118,8 @@ def test_a_scaled_and_shifted_loss_gives_the_same_decisions(scale, offset):
 def test_any_affine_transform_changes_no_decision(values, exponent, offset, window):
     """Losses on a grid of 1/1024, scale a power of two, integer offset: exact in floating point."""
     def decisions(transform):
-        detector = StageDetector(decay_shape="step", num_stages=4, window=window, patience=window // 4, total_updates=600)
+        detector = StageDetector(decay_shape="step", num_stages=4, window=window, patience=window // 4,
+                                 total_updates=600)
         out = []
         for value in values:
             if detector.observe(transform(value / 1024)).changed:

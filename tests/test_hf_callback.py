@@ -1,7 +1,6 @@
 """The Transformers callback: a tiny Trainer run written as a user would, with AutoDecay's defaults; exact
 resumes with and without restore_callback_states_from_checkpoint; two processes deciding alike; bad
-settings; the timm recipe's smoke run. The task is ``hf_trainer_tasks``'s. This file is also the worker of
-the two-process test: ``torchrun --nproc_per_node 2 tests/test_hf_callback.py OUT.json``.
+settings; the timm recipe's smoke run. The task is ``hf_trainer_tasks``'s.
 """
 import json
 import os
@@ -13,9 +12,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
+WORKER = Path(__file__).with_name("distributed_worker.py")
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
@@ -25,7 +24,6 @@ from hf_trainer_tasks import (  # noqa: E402
     STEP,
     LRRecorder,
     NoisyClassification,
-    RankLossMLP,
     StopAt,
     loss_logs,
     user_trainer,
@@ -125,15 +123,10 @@ def test_resume_from_a_checkpoint_without_autodecay(tmp_path):
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_two_processes_decide_alike(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-           "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    out = tmp_path / "ranks.json"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(Path(__file__)), str(out)]
-    finished = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+def test_two_processes_decide_alike(tmp_path, torchrun):
+    finished = torchrun(WORKER, "trainer", tmp_path, env={"HF_HUB_OFFLINE": "1"}, timeout=240)
     assert finished.returncode == 0, finished.stderr[-4000:]
-    ranks = [json.loads((tmp_path / f"ranks.json.{rank}").read_text()) for rank in (0, 1)]
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert ranks[0]["world_size"] == ranks[1]["world_size"] == 2
     assert ranks[0]["parallel_mode"] == ranks[1]["parallel_mode"] == "distributed"
     assert ranks[0]["local_losses"] != ranks[1]["local_losses"]  # each rank trains on its own shard
@@ -142,28 +135,6 @@ def test_two_processes_decide_alike(tmp_path):
     assert any(h["action"] == "decay" for h in ranks[0]["history"])
     assert ranks[0]["lrs"] == ranks[1]["lrs"] and ranks[0]["used"] == ranks[1]["used"]
     assert ranks[0]["global_step"] == ranks[1]["global_step"] < MAX_STEPS
-
-
-def two_process_worker(out):
-    """One rank of the two-process test: the same user-written run, its decisions and LRs to JSON."""
-    recorder = LRRecorder()
-    trainer = user_trainer(Path(out).parent / "run", [AutoDecayCallback(**STEP), recorder], model_class=RankLossMLP,
-                           per_device_train_batch_size=16, ddp_backend="gloo",
-                           ddp_find_unused_parameters=False)
-    trainer.train()
-    rank = trainer.args.process_index
-    result = {
-        "world_size": trainer.args.world_size,
-        "parallel_mode": trainer.args.parallel_mode.value,
-        "local_losses": trainer.model.local_losses[:20],
-        "logged_losses": {s: e["loss"] for s, e in loss_logs(trainer).items()},
-        "history": find_autodecay_callback(trainer).history,
-        "lrs": {s: e["learning_rate"] for s, e in loss_logs(trainer).items()},
-        "used": recorder.used,
-        "global_step": trainer.state.global_step,
-    }
-    Path(f"{out}.{rank}").write_text(json.dumps(result))
-    torch.distributed.destroy_process_group()  # else gloo can hang at interpreter exit
 
 
 @pytest.mark.parametrize(
@@ -240,6 +211,3 @@ def test_timm_recipe_smoke(tmp_path):
     assert (out / "training.png").stat().st_size > 0
     assert (out / "checkpoint-12" / "trainer_state.json").exists()
 
-
-if __name__ == "__main__":
-    two_process_worker(sys.argv[1])

@@ -18,6 +18,8 @@ CONFIG = ROOT / "recipes" / "configs" / "lm_benchmark.yaml"
 from lm_report import acceptance, paired_rows  # noqa: E402
 from lm_task import CorpusError, corpus_sha256, read_corpus, stdlib_dir  # noqa: E402
 
+pytestmark = pytest.mark.slow  # the recipes, not the inner loop (`pytest -m "not slow"`)
+
 
 FILES = ["a.py", "b.py"]
 
@@ -90,7 +92,6 @@ def test_a_paired_run_without_a_frontier_run_of_its_length_is_an_error():
         paired_rows(results, ["autodecay"], ["cosine", "wsd"], budget_steps=2000)
 
 
-@pytest.mark.slow
 def test_benchmark_smoke_on_a_tiny_corpus(tmp_path, capsys):
     import lm_benchmark
     from lm_runs import train_run

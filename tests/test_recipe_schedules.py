@@ -13,6 +13,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
 from engine.peers import PEERS, TRAINABLE  # noqa: E402
 from engine.schedules import Schedule, current_lr  # noqa: E402
 
+pytestmark = pytest.mark.slow  # the recipes, not the inner loop (`pytest -m "not slow"`)
+
 CFG = SimpleNamespace(lr=0.1, momentum=0.9, weight_decay=5e-4, batch_size=64, lr_reference_batch=0, decay_rate=0.1,
                       milestones=[2, 4], patience=1, num_stages=3, decay_shape="", schedule_updates=0)
 UPDATES_PER_EPOCH, EPOCHS = 10, 6

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # the recipes, not the inner loop (`pytest -m "not slow"`)
+
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "recipes"))
 RECIPE = ROOT / "recipes" / "compare_schedules.py"
@@ -27,7 +29,6 @@ def run_recipe(*overrides: str) -> subprocess.CompletedProcess:
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1200)
 
 
-@pytest.mark.slow
 def test_compare_schedules_writes_results_and_plot(tmp_path):
     finished = run_recipe(
         "--epochs", "2", "--seeds", "0", "--schedules", "step", "autodecay", "--jobs", "1",
@@ -67,7 +68,6 @@ def test_compare_schedules_rejects_bad_config(override, message, capsys):
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.slow
 def test_peers_and_oracle_end_to_end(tmp_path):
     finished = run_recipe(
         "--epochs", "3", "--seeds", "0", "--jobs", "1", "--checkpoint_every", "0", "--save_stage_ends", "false",
@@ -93,7 +93,6 @@ def test_peers_and_oracle_end_to_end(tmp_path):
     assert (tmp_path / "pareto.png").stat().st_size > 0 and (tmp_path / "results.md").exists()
 
 
-@pytest.mark.slow
 def test_oracle_search_shares_prefixes():
     from engine.oracle import choose_oracle, oracle_search
     from engine.train_config import TrainConfig
@@ -151,7 +150,6 @@ def test_noisy_mnist1d_flips_train_labels_only():
     assert (clean.train_inputs == noisy.train_inputs).all()
 
 
-@pytest.mark.slow
 def test_frontier_peers_and_paired_comparison_end_to_end(tmp_path):
     finished = run_recipe(
         "--epochs", "2", "--seeds", "0", "--jobs", "1", "--num_samples", "2000",  # 25 updates per epoch

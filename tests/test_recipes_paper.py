@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # the recipes, not the inner loop (`pytest -m "not slow"`)
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
 CONFIGS = RECIPES / "configs"
@@ -29,7 +31,6 @@ def run(*command: str, timeout: int = 300) -> subprocess.CompletedProcess:
     return finished
 
 
-@pytest.mark.slow
 def test_learning_stages_smoke(tmp_path):
     finished = run(
         sys.executable, str(RECIPES / "learning_stages.py"), "--config", str(CONFIGS / "learning_stages.yaml"),
@@ -110,7 +111,6 @@ def test_bootstrap_and_trend_statistics():
     assert slope["slope"] == pytest.approx(2.0) and slope["low"] <= 2.0 <= slope["high"]
 
 
-@pytest.mark.slow
 def test_noise_dose_response_smoke(tmp_path):
     """Batch sizes up to the full training set, each with its own number of updates, the schedule in shares
     of the run; the statistic, the stability verdicts, the table and the figure."""
@@ -137,7 +137,6 @@ def test_noise_dose_response_smoke(tmp_path):
     assert (tmp_path / "noise_dose_response.png").stat().st_size > 0
 
 
-@pytest.mark.slow
 @pytest.mark.distributed
 def test_noise_dose_response_two_processes(tmp_path, torchrun):
     """Data-parallel runs over 2 processes: the full batch split into equal micro-batches per process, every
@@ -177,7 +176,6 @@ def test_dose_response_lists_every_unstable_run():
     assert cells[1]["log_ratio_mean"] is None and cells[1]["failures"] == {0: runs[1]["failures"]}
 
 
-@pytest.mark.slow
 def test_mechanism_smoke(tmp_path):
     """Calibration on its own data and seed, the three methods per stage, the predictions with outcomes."""
     run(
@@ -217,7 +215,6 @@ def test_mechanism_stage0_share():
     assert stage0_share([{"end_test_top1_complex_only": v} for v in (11.0, 12.0, 13.0)]) is None  # never learned
 
 
-@pytest.mark.slow
 @pytest.mark.distributed
 def test_two_processes_full_batch(tmp_path, torchrun):
     """Full-batch GD data-parallel over 2 processes (gloo): equal micro-batches, one update per epoch."""
@@ -232,7 +229,6 @@ def test_two_processes_full_batch(tmp_path, torchrun):
     assert (tmp_path / "checkpoint" / "model.safetensors").exists()
 
 
-@pytest.mark.slow
 def test_full_batch_needs_equal_micro_batches(tmp_path):
     from engine.config import ConfigError
     from engine.loop import train_run
@@ -243,7 +239,6 @@ def test_full_batch_needs_equal_micro_batches(tmp_path):
         train_run(cfg)
 
 
-@pytest.mark.slow
 def test_resume_continues_exactly(tmp_path):
     """A run stopped after epoch 3 and resumed matches one that never stopped, decays and stage ends included."""
     from engine.loop import train_run
@@ -282,7 +277,6 @@ def make_imagenet_like(folder: Path, per_split: dict) -> Path:
     return folder
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("config, streaming", [("imagenet_resnet50_step.yaml", "false"),
                                                ("imagenet_resnet50_autodecay.yaml", "true")])
 def test_imagenet_config_on_local_data(tmp_path, config, streaming):

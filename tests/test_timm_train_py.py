@@ -3,10 +3,7 @@ the losses train.py passes, LRs as timm's step schedule sets them, the early end
 import json
 import logging
 import math
-import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -167,11 +164,8 @@ def test_finished_stop_is_a_keyboard_interrupt_raised_before_the_next_batch():
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_two_ranks_take_the_same_decisions_from_the_mean_loss(tmp_path):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-               str(Path(__file__).with_name("timm_train_py.py")), str(tmp_path)]
-    done = subprocess.run(command, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True, text=True,
-                          timeout=300, cwd=tmp_path)
+def test_two_ranks_take_the_same_decisions_from_the_mean_loss(tmp_path, torchrun):
+    done = torchrun(Path(__file__).with_name("distributed_worker.py"), "timm", tmp_path)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert [b["loss"] for b in r0["log"]] != [b["loss"] for b in r1["log"]]  # the ranks see different losses

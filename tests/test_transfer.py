@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
+pytestmark = pytest.mark.slow  # the recipes, not the inner loop (`pytest -m "not slow"`)
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = ROOT / "recipes"
 CONFIGS = RECIPES / "configs"
@@ -37,7 +39,6 @@ def source_run(tmp_path_factory) -> Path:
     return folder
 
 
-@pytest.mark.slow
 def test_full_path(source_run, tmp_path):
     """Given run folders: every stage's source top-1 (equal to the run's own evaluation at that epoch, so
     the checkpoint was loaded whole), probe and fine-tune per target and seed, summary, table and figure."""
@@ -85,7 +86,6 @@ def test_full_path(source_run, tmp_path):
     assert "**primary: rest, linear probe, stage 0 - stage 1**" in table and "Source top-1 at the stage ends" in table
 
 
-@pytest.mark.slow
 def test_offline_config_trains_its_source(tmp_path):
     """The shipped offline pair's config, shrunk: the source is trained here, then transferred."""
     import transfer
@@ -165,7 +165,6 @@ def test_paper_config_parses():
     assert cfg.source_runs == ["runs/imagenet_resnet50_step", "runs/imagenet_resnet50_autodecay"]
 
 
-@pytest.mark.slow
 def test_init_from_keeps_features_and_replaces_the_classifier(source_run):
     from engine.models import make_model_and_optimizer
     from engine.train_config import TrainConfig
@@ -200,7 +199,6 @@ def error_of(argv) -> str:
     return str(stopped.value)
 
 
-@pytest.mark.slow
 def test_missing_checkpoint_is_named(source_run, tmp_path):
     broken = tmp_path / "broken_run"
     shutil.copytree(source_run, broken)
@@ -212,7 +210,6 @@ def test_missing_checkpoint_is_named(source_run, tmp_path):
     assert "no summary.json in" in message and "nowhere" in message
 
 
-@pytest.mark.slow
 def test_target_without_label_column_is_named(source_run, tmp_path):
     """A local dataset (parquet, read by `datasets`) whose labels are in another column."""
     import datasets
@@ -232,7 +229,6 @@ def test_target_without_label_column_is_named(source_run, tmp_path):
     assert "targets (pics)" in message and "label_column: no column 'label'" in message and "category" in message
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("target, expected", [
     ("{name: a, lr: 0.5}", "targets[0] (a): lr cannot be set per target"),
     ("{name: a, colour: red}", "targets[0] (a): unknown config key 'colour'"),
@@ -243,7 +239,6 @@ def test_bad_target_is_named(source_run, tmp_path, target, expected):
     assert expected in message
 
 
-@pytest.mark.slow
 def test_unknown_primary_target_is_named(source_run, tmp_path):
     message = error_of(["--source_runs", str(source_run), "--targets", REST, "--primary_target", "elsewhere", *TINY,
                         "--output_dir", str(tmp_path)])

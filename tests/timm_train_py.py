@@ -17,7 +17,6 @@ import json
 import math
 import os
 import random
-import sys
 from pathlib import Path
 
 import timm.scheduler
@@ -217,6 +216,3 @@ def two_rank_worker(out_dir):
     (out_dir / f"rank{rank}.json").write_text(json.dumps(record))
     dist.destroy_process_group()
 
-
-if __name__ == "__main__":  # the two-rank worker, under torchrun
-    two_rank_worker(sys.argv[1])

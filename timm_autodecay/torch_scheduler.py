@@ -152,9 +152,11 @@ def _innermost(optimizer: Any) -> Any:
 
 
 class AutoDecayLR(FollowsDetector, LRScheduler):
-    """Multiplies every param group's learning rate by ``decay_rate`` when the training loss stops
-    decreasing, at most ``num_stages - 1`` times; ``finished`` turns true at the last plateau (with
-    ``decay_shape="cooldown"``: after a cooldown of the LR to ``min_lr`` that the last plateau starts).
+    """Keeps the learning rate until the training loss stops decreasing (or 80% of the budget), then
+    anneals it to ``min_lr`` over a fifth of the run and sets ``finished`` (the default shape, WSD with the
+    length found by the detector). With ``num_stages=k`` the first k-1 plateaus multiply every group's LR
+    by ``decay_rate``; with ``decay_shape="step"`` (the paper's schedule) every plateau does, and the
+    last one (of 3 by default) sets ``finished``.
 
     Pass the run's shape (``updates_per_epoch``, ``total_updates``) and nothing else: the detector's
     settings (``window``, ``patience``, ...) default from it. Call ``step(loss)`` once per optimizer
