@@ -1,9 +1,9 @@
 """The stage detector's decisions on loss streams with known stage ends, and its contracts."""
 import json
 import math
+import random
 
 import pytest
-from hypothesis import assume, given, settings, strategies as st
 
 from loss_curves import noisy_series, run_closed_loop, stage_loss
 from timm_autodecay import StageDetector
@@ -25,10 +25,10 @@ def feed(detector, values):
 
 @pytest.mark.parametrize("tau", [100, 300])
 @pytest.mark.parametrize("noise", [0.02, 0.1, 0.3])
-@pytest.mark.parametrize("scale", [0.01, 100.0])
-def test_each_stage_ends_on_its_plateau_not_in_its_sharp_drop(tau, noise, scale):
+def test_each_stage_ends_on_its_plateau_not_in_its_sharp_drop(tau, noise):
+    """At the loss's own scale (the decisions do not depend on it: see the affine tests)."""
     detector = StageDetector(decay_shape="step", total_updates=BUDGET)
-    decisions, ages = run_closed_loop(detector, tau, noise, scale)
+    decisions, ages = run_closed_loop(detector, tau, noise)
     assert [d.action for d in decisions] == ["decay", "decay", "finish"]
     assert [d.reason for d in decisions] == ["plateau"] * 3
     for stage, age in enumerate(ages):
@@ -72,12 +72,15 @@ def test_warmup_updates_are_not_judged():
 
 
 # -- scale invariance, determinism, bounded state ---------------------------------------------
-streams = st.lists(st.floats(0.05, 5.0), min_size=50, max_size=400)
+def random_stream(rng, low, high, min_size, max_size):
+    """A stream of arbitrary losses: no trend, no noise model, any decision the detector likes."""
+    return [rng.uniform(low, high) for _ in range(rng.randint(min_size, max_size))]
 
 
-@settings(max_examples=25, deadline=None)
-@given(values=streams, exponent=st.integers(-20, 20), window=st.integers(10, 60))
-def test_rescaling_the_loss_changes_no_decision(values, exponent, window):
+@pytest.mark.parametrize("seed", range(25))
+def test_rescaling_the_loss_changes_no_decision(seed):
+    rng = random.Random(seed)
+    values, exponent, window = random_stream(rng, 0.05, 5.0, 50, 400), rng.randint(-20, 20), rng.randint(10, 60)
     factor = 2.0**exponent  # exact in floating point, so any difference is the detector's
     make = lambda: StageDetector(decay_shape="step", num_stages=4, window=window, patience=window // 4,
                                  total_updates=600)
@@ -93,15 +96,13 @@ def test_decisions_are_the_same_on_every_machine():
     assert decisions == [(531, "decay", 1), (671, "decay", 2), (1147, "finish", 2)]
 
 
-@settings(max_examples=25, deadline=None)
-@given(
-    values=st.lists(st.floats(0.1, 3.0), min_size=30, max_size=200),
-    bad=st.lists(st.sampled_from([math.nan, math.inf, -math.inf]), min_size=1, max_size=5),
-)
-def test_non_finite_losses_never_decide_nor_corrupt(values, bad):
-    detector = StageDetector(decay_shape="step", num_stages=3, window=20, total_updates=400)
+@pytest.mark.parametrize("seed", range(25))
+def test_non_finite_losses_never_decide_nor_corrupt(seed):
+    rng = random.Random(seed)
+    values = random_stream(rng, 0.1, 3.0, 30, 200)
+    bad = [rng.choice([math.nan, math.inf, -math.inf]) for _ in range(rng.randint(1, 5))]
+    detector = StageDetector(decay_shape="step", num_stages=20, window=20)  # 200 values end at most 10 stages
     feed(detector, values)
-    assume(not detector.finished)
     with pytest.warns(RuntimeWarning, match="non-finite") as warned:
         for value in bad:
             assert detector.observe(value).action == "continue"

@@ -2,11 +2,16 @@
 run, then the run finishes, never past the budget."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 
 from loss_curves import noisy_series
 from timm_autodecay.detector import StageDetector
+from timm_autodecay.replay import replay_file
+
+# The first 3000 updates of MNIST-1D's CNN at a constant LR of 0.1 (the reference task's stable phase, seed 0)
+CONSTANT_LR_RUN = Path(__file__).with_name("data") / "mnist1d_constant_lr_seed0_losses.json"
 
 
 def run_to_finish(detector, values):
@@ -20,6 +25,23 @@ def run_to_finish(detector, values):
         if detector.finished:
             break
     return decisions, lrs
+
+
+def test_the_default_shape_is_the_cooldown_with_one_stable_stage():
+    default, step = StageDetector(total_updates=3000), StageDetector(total_updates=3000, decay_shape="step")
+    assert (default.decay_shape, default.num_stages, default.first_stage_patience) == ("cooldown", 1, 0.0)
+    assert (step.num_stages, step.first_stage_patience) == (3, 0.4)
+    assert default.window == 3 * step.window * 0.8  # a fifth of the stable phase: 80% of the budget, 1 stage
+
+
+def test_the_reference_tasks_stable_phase_ends_on_its_plateau():
+    """Golden decisions on a real stable phase: the plateau at 14.2 of 30 epochs starts the cooldown, which
+    ends the run at 17.8. With the step shape's first-stage patience it would run to 17.3 and 21.6."""
+    shape = {"total_updates": 3750, "updates_per_epoch": 125}
+    decisions = replay_file(CONSTANT_LR_RUN, **shape)["decisions"]
+    assert [(d["update"], d["action"]) for d in decisions] == [(1776, "cooldown"), (2220, "finish")]
+    patient = replay_file(CONSTANT_LR_RUN, first_stage_patience=0.4, **shape)["decisions"]
+    assert [(d["update"], d["action"]) for d in patient] == [(2160, "cooldown"), (2700, "finish")]
 
 
 def test_a_loss_that_keeps_falling_cools_down_over_the_last_fifth_of_the_budget():

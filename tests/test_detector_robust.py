@@ -5,8 +5,6 @@ import random
 from pathlib import Path
 
 import pytest
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from loss_curves import stage_loss
 from timm_autodecay.detector import StageDetector
@@ -112,11 +110,13 @@ def test_a_scaled_and_shifted_loss_gives_the_same_decisions(scale, offset):
     assert closed_loop(scale, offset) == reference
 
 
-@settings(max_examples=40, deadline=None)
-@given(values=st.lists(st.integers(50, 5000), min_size=50, max_size=300),
-       exponent=st.integers(-10, 10), offset=st.integers(0, 50), window=st.integers(10, 60))
-def test_any_affine_transform_changes_no_decision(values, exponent, offset, window):
+@pytest.mark.parametrize("seed", range(40))
+def test_any_affine_transform_changes_no_decision(seed):
     """Losses on a grid of 1/1024, scale a power of two, integer offset: exact in floating point."""
+    rng = random.Random(seed)
+    values = [rng.randint(50, 5000) for _ in range(rng.randint(50, 300))]
+    exponent, offset, window = rng.randint(-10, 10), rng.randint(0, 50), rng.randint(10, 60)
+
     def decisions(transform):
         detector = StageDetector(decay_shape="step", num_stages=4, window=window, patience=window // 4,
                                  total_updates=600)

@@ -56,6 +56,14 @@ def test_a_0_1_0_state_resumes_mid_stage_with_its_pending_losses():
     json.dumps(sched.state_dict())  # and its state is JSON again
 
 
+def test_a_0_1_0_state_under_todays_default_shape_says_to_pass_the_step_shape():
+    optimizer = two_group_optimizer()
+    sched = AutoDecayLR(optimizer, total_updates=3000, updates_per_epoch=100)
+    with pytest.raises(ValueError, match=r"decay_shape: 'step' saved, 'cooldown' now.*pass decay_shape='step'"):
+        sched.load_state_dict(json.loads(RELEASE_0_1_0.read_text()))
+    assert sched.stage == 0 and [g["lr"] for g in optimizer.param_groups] == [0.1, 0.02]  # nothing applied
+
+
 # -- a damaged state is refused whole, naming the bad key ----------------------------------------
 @functools.lru_cache(maxsize=None)
 def _saved_mid_run():

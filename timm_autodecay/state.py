@@ -97,8 +97,10 @@ def validate(state: Dict[str, Any], settings: Dict[str, Any]) -> None:
     if differing:
         detail = ", ".join(f"{k}: {saved.get(k, '<missing>')!r} saved, {settings.get(k, '<missing>')!r} now"
                            for k in differing)
+        hint = ("; the default shape is 'cooldown' since release 0.2.0: pass decay_shape='step' to resume a "
+                "step-shaped run" if "decay_shape" in differing and saved.get("decay_shape") == "step" else "")
         raise StateError(f"AutoDecay state: 'settings' differ from this run's ({detail}); resume with the "
-                         "settings the checkpoint was written with")
+                         f"settings the checkpoint was written with{hint}")
     stages, update = settings["num_stages"], state["update"]
     _require(update >= 0, "update", "must be >= 0", update)
     _require(0 <= state["stage"] < stages, "stage", f"must be in [0, {stages})", state["stage"])
