@@ -10,13 +10,14 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
 def one_thread():
+    import torch  # here, not at the top: pytest-xdist's controller loads this file and runs no test
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -110,7 +110,7 @@ def test_a_scaled_and_shifted_loss_gives_the_same_decisions(scale, offset):
     assert closed_loop(scale, offset) == reference
 
 
-@pytest.mark.parametrize("seed", range(40))
+@pytest.mark.parametrize("seed", range(20))
 def test_any_affine_transform_changes_no_decision(seed):
     """Losses on a grid of 1/1024, scale a power of two, integer offset: exact in floating point."""
     rng = random.Random(seed)
