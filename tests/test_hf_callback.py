@@ -1,4 +1,4 @@
-"""The Transformers callback: a tiny Trainer run written as a user would, with AutoDecay's defaults; exact
+"""The Transformers callback: a tiny Trainer run written as a user would, with the step shape; exact
 resumes with and without restore_callback_states_from_checkpoint; two processes deciding alike; bad
 settings; the timm recipe's smoke run. The task is ``hf_trainer_tasks``'s.
 """

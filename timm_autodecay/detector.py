@@ -43,7 +43,7 @@ Defaults and why
 * ``patience``: 0.4 windows, so one lucky window cannot end a stage.
 * ``first_stage_patience``: with the step shape, 0.4 of the first stage's age (a plateau first seen at
   epoch 6 must hold until epoch 8.4): ending the first stage early costs the most accuracy. With the
-  cooldown shape 0: the stable phase's window, three times longer, already outlasts fake plateaus.
+  cooldown shape 0: the stable phase's window, 2.4 times longer, already outlasts fake plateaus.
 * ``significance``: 1.64 standard errors (95% one-sided): a stage goes on only while the loss is
   clearly still falling; a slow creep that the noise can hide is not worth the time.
 * ``min_progress``: 5%: a window that adds less than a twentieth of the stage's decrease so far is
@@ -79,7 +79,8 @@ DEFAULT_PATIENCE_WINDOWS = 0.4
 DEFAULT_STAGES = {"step": 3, "cooldown": 1}
 # The first stage's extra patience guards against the fake short plateaus that a step-shape window (a fifth of
 # a third of the budget) sees in the wander of the highest LR. The cooldown shape's one stage is the whole
-# stable phase, so its window is three times longer and averages that wander out by itself.
+# stable phase, so its window is 2.4 times longer (4.8 epochs of a 30-epoch run, not 2) and averages that
+# wander out by itself.
 DEFAULT_FIRST_STAGE_PATIENCE = {"step": 0.4, "cooldown": 0.0}
 ROUNDING = 1e-9  # budget shares are fractions of updates; compare them with this slack
 
