@@ -4,22 +4,23 @@ import warnings
 from pathlib import Path
 
 import pytest
-import timm.scheduler
 import torch
-from timm_train_py import BASE_LR, UPE, Toy, make_args, yaml_keys
+from timm_train_py import BASE_LR, UPE, Toy, import_timm_scheduler, make_args, yaml_keys
 
 from timm_autodecay import timm_factory
 from timm_autodecay.detector import SETTINGS
 from timm_autodecay.timm_factory import YAML_KEYS
-from timm_autodecay.timm_scheduler import AutoDecayScheduler
 
 ROOT = Path(__file__).resolve().parents[1]
 ORIGINAL = "__timm_autodecay_original__"
 
 
 def test_factory_builds_autodecay_and_leaves_other_schedules_alone(tmp_path):
+    from timm_autodecay.timm_scheduler import AutoDecayScheduler
+
+    timm_scheduler = import_timm_scheduler()
     optimizer = torch.optim.SGD(Toy().parameters(), lr=BASE_LR)
-    scheduler, num_epochs = timm.scheduler.create_scheduler_v2(
+    scheduler, num_epochs = timm_scheduler.create_scheduler_v2(
         optimizer, sched="autodecay", num_epochs=30, updates_per_epoch=UPE, warmup_epochs=2, warmup_prefix=True,
         decay_rate=0.5, autodecay_num_stages=2, autodecay_state_dir=str(tmp_path), **yaml_keys())
     assert isinstance(scheduler, AutoDecayScheduler) and num_epochs == 32  # warmup_prefix adds, as in timm
@@ -31,27 +32,28 @@ def test_factory_builds_autodecay_and_leaves_other_schedules_alone(tmp_path):
         "autodecay_" + k for k in SETTINGS if k not in ("total_updates", "updates_per_epoch", "warmup_updates")}
 
     # timm's other schedules: same class, same kwargs as timm's own functions give
-    create = timm.scheduler.create_scheduler_v2
+    create = timm_scheduler.create_scheduler_v2
     original_create = getattr(create, ORIGINAL)
     args = make_args(sched="cosine", autodecay_window=5)
-    kwargs = timm.scheduler.scheduler_kwargs(args)
-    assert kwargs == getattr(timm.scheduler.scheduler_kwargs, ORIGINAL)(args)
+    kwargs = timm_scheduler.scheduler_kwargs(args)
+    assert kwargs == getattr(timm_scheduler.scheduler_kwargs, ORIGINAL)(args)
     ours, _ = create(torch.optim.SGD(Toy().parameters(), lr=BASE_LR), **kwargs, updates_per_epoch=UPE)
     theirs, _ = original_create(torch.optim.SGD(Toy().parameters(), lr=BASE_LR), **kwargs, updates_per_epoch=UPE)
-    assert type(ours) is type(theirs) is timm.scheduler.CosineLRScheduler
+    assert type(ours) is type(theirs) is timm_scheduler.CosineLRScheduler
     assert [ours._get_lr(t) for t in range(30)] == [theirs._get_lr(t) for t in range(30)]
     # timm's create_scheduler (v1) goes through the same factory
-    v1 = timm.scheduler.create_scheduler(make_args(**yaml_keys()), optimizer, updates_per_epoch=UPE)
+    v1 = timm_scheduler.create_scheduler(make_args(**yaml_keys()), optimizer, updates_per_epoch=UPE)
     assert isinstance(v1[0], AutoDecayScheduler)
 
 
 def test_the_python_factory_without_a_checkpoint_folder_warns_once(monkeypatch, tmp_path):
     """Outside train.py (no ``saver``) nothing is saved for resume: a clear warning, given once."""
     monkeypatch.setattr(timm_factory, "_warned_no_state_dir", False)
+    timm_scheduler = import_timm_scheduler()
 
     def create(**extra):
         optimizer = torch.optim.SGD(Toy().parameters(), lr=BASE_LR)
-        return timm.scheduler.create_scheduler_v2(optimizer, sched="autodecay", num_epochs=30,
+        return timm_scheduler.create_scheduler_v2(optimizer, sched="autodecay", num_epochs=30,
                                                   updates_per_epoch=UPE, **extra)[0]
     with pytest.warns(UserWarning, match=r"saves no autodecay_state.json .* autodecay_state_dir=FOLDER"):
         assert create().state_dir is None
@@ -89,19 +91,21 @@ def test_train_py_checkpoint_dir_is_found_in_the_calling_frames(tmp_path):
     (dict(noise=[0.5]), r"LR noise .*not supported"),
 ])
 def test_bad_settings_are_rejected_clearly(kwargs, message):
+    timm_scheduler = import_timm_scheduler()
     optimizer = torch.optim.SGD(Toy().parameters(), lr=BASE_LR)
     arguments = dict(sched="autodecay", num_epochs=30, updates_per_epoch=UPE, autodecay_state_dir="unused")
     arguments.update(kwargs)
     with pytest.raises(ValueError, match=message):
-        timm.scheduler.create_scheduler_v2(optimizer, **arguments)
+        timm_scheduler.create_scheduler_v2(optimizer, **arguments)
 
 
 def test_bad_config_keys_are_rejected_by_scheduler_kwargs():
+    timm_scheduler = import_timm_scheduler()
     with pytest.raises(ValueError, match=r"unknown config key\(s\) \['autodecay_windw'\]; known: .*autodecay_window"):
-        timm.scheduler.scheduler_kwargs(make_args(autodecay_windw=30))
+        timm_scheduler.scheduler_kwargs(make_args(autodecay_windw=30))
     with pytest.raises(ValueError, match=r"autodecay_warmup_updates is not a setting: .*--warmup-epochs"):
-        timm.scheduler.scheduler_kwargs(make_args(autodecay_warmup_updates=30))
+        timm_scheduler.scheduler_kwargs(make_args(autodecay_warmup_updates=30))
     # another schedule ignores autodecay keys, as it ignores every key it does not use
-    assert "autodecay_windw" not in timm.scheduler.scheduler_kwargs(make_args(sched="step", autodecay_windw=3))
+    assert "autodecay_windw" not in timm_scheduler.scheduler_kwargs(make_args(sched="step", autodecay_windw=3))
 
 

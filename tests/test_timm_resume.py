@@ -7,12 +7,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-import timm.scheduler
 import torch
-from timm_train_py import (BASE_LR, UPE, Crash, Toy, detector_settings, feed_epoch_means, make_args, summary_epochs,
-                           train_py, yaml_keys)
+from timm_train_py import (BASE_LR, UPE, Crash, Toy, detector_settings, feed_epoch_means, import_timm_scheduler,
+                           make_args, summary_epochs, train_py, yaml_keys)
 
-from timm_autodecay.timm_scheduler import STATE_FILE, AutoDecayScheduler
+from timm_autodecay.timm_state import STATE_FILE
 
 
 # -- resume ------------------------------------------------------------------------------------
@@ -44,8 +43,8 @@ def test_resume_errors_name_the_missing_state(tmp_path):
     with pytest.raises(ValueError, match="autodecay_state.json does not exist"):
         train_py(tmp_path / "b", make_args(resume=str(checkpoint), **yaml_keys()))
     optimizer = torch.optim.SGD(Toy().parameters(), lr=BASE_LR)
-    scheduler, _ = timm.scheduler.create_scheduler_v2(optimizer, sched="autodecay", num_epochs=30,
-                                                      updates_per_epoch=UPE)
+    scheduler, _ = import_timm_scheduler().create_scheduler_v2(optimizer, sched="autodecay", num_epochs=30,
+                                                               updates_per_epoch=UPE)
     with pytest.raises(ValueError, match="starts at epoch 3 but no saved AutoDecay state"):
         scheduler.step(3)  # train.py --start-epoch 3 without --resume
     with pytest.raises(ValueError, match="call it once after every optimizer update"):
@@ -54,9 +53,11 @@ def test_resume_errors_name_the_missing_state(tmp_path):
 
 def test_state_dict_round_trip_mid_epoch():
     """The Python API: state_dict() mid-bucket, JSON, load into a fresh scheduler: same future."""
+    timm_scheduler = import_timm_scheduler()
+
     def make():
         optimizer = torch.optim.SGD(Toy().parameters(), lr=BASE_LR)
-        return timm.scheduler.create_scheduler_v2(optimizer, sched="autodecay", num_epochs=30,
+        return timm_scheduler.create_scheduler_v2(optimizer, sched="autodecay", num_epochs=30,
                                                   updates_per_epoch=UPE, autodecay_end_training=False,
                                                   **yaml_keys())[0], optimizer
     rng = random.Random(1)
@@ -162,6 +163,8 @@ def test_trying_an_older_checkpoint_leaves_the_later_ones_resumable(tmp_path):
 
 
 def mid_run_scheduler(state_dir=None):
+    from timm_autodecay.timm_scheduler import AutoDecayScheduler
+
     optimizer = torch.optim.SGD(Toy().parameters(), lr=BASE_LR)
     scheduler = AutoDecayScheduler(optimizer, updates_per_epoch=UPE, t_initial=30, state_dir=state_dir,
                                    **detector_settings())

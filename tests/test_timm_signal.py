@@ -4,13 +4,12 @@ import math
 import random
 
 import pytest
-import timm.scheduler
 import torch
 import torch.distributed as dist
-from timm_train_py import BASE_LR, UPE, Toy, detector_settings, feed_epoch_means, replayed_history, yaml_keys
+from timm_train_py import (BASE_LR, UPE, Toy, detector_settings, feed_epoch_means, import_timm_scheduler,
+                           replayed_history, yaml_keys)
 
 from timm_autodecay.detector import StageDetector
-from timm_autodecay.timm_scheduler import AutoDecayScheduler
 
 
 @pytest.fixture
@@ -22,6 +21,8 @@ def one_rank_group(tmp_path):
 
 
 def make_scheduler(updates_per_epoch=UPE, epochs=30, **settings):
+    from timm_autodecay.timm_scheduler import AutoDecayScheduler
+
     optimizer = torch.optim.SGD(Toy().parameters(), lr=BASE_LR)
     settings = {"decay_shape": "step", **settings}  # the shape with short stages: short windows
     return AutoDecayScheduler(optimizer, updates_per_epoch=updates_per_epoch, t_initial=epochs,
@@ -73,9 +74,9 @@ def test_under_ddp_older_train_py_feeds_the_latest_logged_loss(one_rank_group):
     """timm < 1.0.12 under DDP adds the (rank-averaged) loss to losses_m only every --log-interval
     updates and at the epoch's last batch: each update in between stands for the latest logged loss."""
     optimizer = torch.optim.SGD(Toy().parameters(), lr=BASE_LR)
-    scheduler = timm.scheduler.create_scheduler_v2(optimizer, sched="autodecay", num_epochs=30, updates_per_epoch=UPE,
-                                                   autodecay_end_training=False, autodecay_state_dir="",
-                                                   **yaml_keys())[0]
+    scheduler = import_timm_scheduler().create_scheduler_v2(
+        optimizer, sched="autodecay", num_epochs=30, updates_per_epoch=UPE, autodecay_end_training=False,
+        autodecay_state_dir="", **yaml_keys())[0]
     rng = random.Random(2)
     losses = [0.5 + 2.0 / (1 + n / 20) + 0.05 * rng.gauss(0, 1) for n in range(30 * UPE)]
     log_interval = 4

@@ -11,9 +11,7 @@ import json
 import pytest
 import torch
 from loss_curves import SPIKE_SHAPE, falling_curve, judge_spikes, spike_grid
-from timm.utils import AverageMeter
 
-from timm_autodecay.timm_scheduler import AutoDecayScheduler
 
 UPDATES_PER_EPOCH = SPIKE_SHAPE["updates_per_epoch"]
 EPOCHS = SPIKE_SHAPE["total_updates"] // UPDATES_PER_EPOCH
@@ -24,6 +22,10 @@ class TimmRun:
     update and ``step(epoch)`` after each epoch; its saved state includes train.py's meter."""
 
     def __init__(self, saved=None, decay_shape="step"):
+        from timm.utils import AverageMeter
+
+        from timm_autodecay.timm_scheduler import AutoDecayScheduler
+
         optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
         self.sched = AutoDecayScheduler(optimizer, updates_per_epoch=UPDATES_PER_EPOCH, t_initial=EPOCHS,
                                         end_training=False, decay_shape=decay_shape)
@@ -41,7 +43,7 @@ class TimmRun:
                 return
             n = self.sched.num_updates + 1
             if (n - 1) % UPDATES_PER_EPOCH == 0:
-                self.meter = AverageMeter()
+                self.meter.reset()  # train.py: a new AverageMeter every epoch
             self.meter.update(loss, 16)
             self.sched.step_update(n, metric=self.meter.avg)
             if n % UPDATES_PER_EPOCH == 0:

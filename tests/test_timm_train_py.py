@@ -7,13 +7,13 @@ import random
 from pathlib import Path
 
 import pytest
-import timm.scheduler
 import torch
 from timm_train_py import (
     BASE_LR,
     UPE,
     Toy,
     detector_settings,
+    import_timm_scheduler,
     make_args,
     replayed_history,
     summary_epochs,
@@ -22,7 +22,7 @@ from timm_train_py import (
 )
 
 from timm_autodecay.detector import StageDetector
-from timm_autodecay.timm_scheduler import AutoDecayFinished, AutoDecayScheduler
+from timm_autodecay.timm_loop import AutoDecayFinished
 from timm_autodecay.timm_state import STATE_FILE, read_entries
 
 
@@ -92,12 +92,13 @@ def test_ends_only_where_train_py_checkpoints(tmp_path):
 
 def test_warmup_like_timm_and_no_decision_during_it(tmp_path):
     """A loss flat from the start: still no decision before the warmup ends; warmup LRs are timm's."""
+    timm_scheduler = import_timm_scheduler()
     optimizer = torch.optim.SGD(Toy().parameters(), lr=BASE_LR)
-    scheduler, _ = timm.scheduler.create_scheduler_v2(
+    scheduler, _ = timm_scheduler.create_scheduler_v2(
         optimizer, sched="autodecay", num_epochs=30, warmup_epochs=4, warmup_lr=1e-4, updates_per_epoch=UPE,
         **yaml_keys())
     step_opt = torch.optim.SGD(Toy().parameters(), lr=BASE_LR)
-    step, _ = timm.scheduler.create_scheduler_v2(step_opt, sched="step", num_epochs=30, warmup_epochs=4,
+    step, _ = timm_scheduler.create_scheduler_v2(step_opt, sched="step", num_epochs=30, warmup_epochs=4,
                                                  warmup_lr=1e-4, decay_epochs=1000, updates_per_epoch=UPE)
     for epoch in range(8):
         if epoch <= 5:  # warmup ramp, then the base LR, as timm's step schedule has them
@@ -123,6 +124,8 @@ def test_every_epoch_end_reads_the_pending_losses(tmp_path):
     """Buckets of 3 updates, epochs of 10: each epoch's last update still hands its partial bucket
     to the detector (a collective on every rank), so the state saved there holds no rank's own
     unread losses; the decisions are the same as with whole buckets."""
+    from timm_autodecay.timm_scheduler import AutoDecayScheduler
+
     optimizer = torch.optim.SGD(Toy().parameters(), lr=BASE_LR)
     scheduler = AutoDecayScheduler(optimizer, updates_per_epoch=UPE, t_initial=30, state_dir=str(tmp_path),
                                    **detector_settings(window=75, patience=10))
@@ -141,6 +144,8 @@ def test_every_epoch_end_reads_the_pending_losses(tmp_path):
 
 
 def test_finished_stop_is_a_keyboard_interrupt_raised_before_the_next_batch():
+    from timm_autodecay.timm_scheduler import AutoDecayScheduler
+
     optimizer = torch.optim.SGD(Toy().parameters(), lr=BASE_LR)
     scheduler = AutoDecayScheduler(optimizer, updates_per_epoch=UPE, t_initial=30, num_stages=1,
                                    **detector_settings())

@@ -19,19 +19,23 @@ import os
 import random
 from pathlib import Path
 
-import timm.scheduler
 import torch
-from timm.utils import AverageMeter, CheckpointSaver, update_summary
 
 from timm_autodecay.detector import SETTINGS, StageDetector
 
-# Like train.py, this relies on the installed start-up hook to register autodecay in timm's factory.
-if not hasattr(timm.scheduler.create_scheduler_v2, "__timm_autodecay_original__"):
-    raise RuntimeError("sched='autodecay' is not registered in timm: the timm tests need the package installed "
-                       "(pip install -e .), with its start-up hook on (TIMM_AUTODECAY_HOOK unset)")
-
 UPE = 10  # updates per epoch
 BASE_LR = 0.1
+
+
+def import_timm_scheduler():
+    """``timm.scheduler``, imported by the tests that use it, not at collection (see ``conftest.py``). Like
+    train.py, the tests rely on the installed start-up hook to register autodecay in its factory."""
+    import timm.scheduler
+
+    if not hasattr(timm.scheduler.create_scheduler_v2, "__timm_autodecay_original__"):
+        raise RuntimeError("sched='autodecay' is not registered in timm: the timm tests need the package installed "
+                           "(pip install -e .), with its start-up hook on (TIMM_AUTODECAY_HOOK unset)")
+    return timm.scheduler
 
 
 def feed_epoch_means(scheduler, losses, start=0, stop=None, updates_per_epoch=UPE, log_interval=None):
@@ -40,6 +44,8 @@ def feed_epoch_means(scheduler, losses, start=0, stop=None, updates_per_epoch=UP
     each epoch's last update. ``losses_m`` is timm's AverageMeter over the epoch (batch size 16); with
     ``log_interval`` it takes a loss only every that many updates and at the epoch's last, as train.py
     did under DDP before timm 1.0.12. A run resumed mid-epoch rebuilds the meter from ``losses``."""
+    from timm.utils import AverageMeter
+
     stop = len(losses) if stop is None else stop
     meter = AverageMeter()
     for n in range(start - (start % updates_per_epoch) + 1, stop + 1):
@@ -103,6 +109,9 @@ def make_args(**kw):
 
 def train_py(out_dir, args, rank=0, offset=0.0, crash_at=None, lr_scale=None, batch_log=None):
     """timm train.py's main(), as far as the scheduler can tell. Returns what the test inspects."""
+    from timm.utils import AverageMeter, CheckpointSaver, update_summary
+
+    timm_scheduler = import_timm_scheduler()
     model = Toy()
     groups = [{"params": [model.w]}]
     if lr_scale is not None:
@@ -123,8 +132,8 @@ def train_py(out_dir, args, rank=0, offset=0.0, crash_at=None, lr_scale=None, ba
         saver = CheckpointSaver(model=model, optimizer=optimizer, checkpoint_dir=output_dir,
                                 recovery_dir=output_dir, decreasing=True, max_history=100)
 
-    lr_scheduler, num_epochs = timm.scheduler.create_scheduler_v2(
-        optimizer, **timm.scheduler.scheduler_kwargs(args, decreasing_metric=True), updates_per_epoch=UPE)
+    lr_scheduler, num_epochs = timm_scheduler.create_scheduler_v2(
+        optimizer, **timm_scheduler.scheduler_kwargs(args, decreasing_metric=True), updates_per_epoch=UPE)
     start_epoch = resume_epoch or 0
     if lr_scheduler is not None and start_epoch > 0:
         if args.sched_on_updates:

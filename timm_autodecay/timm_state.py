@@ -156,7 +156,8 @@ class StateFile:
         os.makedirs(self.folder, exist_ok=True)
         tmp = f"{self.path}.tmp{os.getpid()}"
         with open(tmp, "w") as f:
-            json.dump({"format": FILE_FORMAT, "version": FILE_VERSION, "entries": self._entries}, f)
+            # dumps, not dump: only the one-shot encoder is C; the file is rewritten at every checkpoint
+            f.write(json.dumps({"format": FILE_FORMAT, "version": FILE_VERSION, "entries": self._entries}))
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
