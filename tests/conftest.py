@@ -1,8 +1,13 @@
-"""Shared fixtures: one torch thread per test, and the one launcher of multi-process tests.
+"""Shared fixtures: one torch thread per test, the one launcher of multi-process tests, and what keeps the
+fast layer (`pytest -m "not slow"`) fast.
 
 Every test trains with one torch thread: with two on a busy 2-core machine torch runs many times slower.
 Multi-process tests start their workers (a recipe, or a face's worker in `distributed_worker.py`) through
 the `torchrun` fixture: `torchrun(script, *args, processes=2, env=None, timeout=300)`.
+
+Speed: test modules import timm and Transformers (and the package modules that need them) inside the
+tests, never at the top; the frameworks' fast tests then run on one pytest-xdist worker, the only one that
+pays their import; the garbage collector is kept off the long-lived objects.
 """
 import gc
 import os
@@ -17,9 +22,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_collection(session):
-    """Collection imports torch, timm and Transformers: millions of objects that live until the end. The
-    garbage collector stays off while they load, then they are frozen out of its scans; a full collection
-    would otherwise rescan them all, many times over (seconds of the fast layer)."""
+    """Collection imports torch: hundreds of thousands of objects that live until the end. The garbage
+    collector stays off while they load, then they are frozen out of its scans; every full collection
+    would otherwise rescan them all (seconds of the fast layer)."""
     enabled = gc.isenabled()
     gc.disable()
     yield
@@ -28,19 +33,25 @@ def pytest_collection(session):
         gc.enable()
 
 
-# A framework's fast tests run on one pytest-xdist worker (`--dist loadgroup`), which alone imports it.
-FRAMEWORK_GROUPS = {"test_timm_": "timm", "test_hf_": "transformers"}
+def pytest_sessionfinish(session):
+    """Nothing the session made needs collecting any more: frozen, it spares the full collections pytest
+    runs at exit (over the frameworks the tests imported) about a second per worker."""
+    gc.freeze()
+
+
+# The timm and Transformers faces' fast tests run on one pytest-xdist worker (`--dist loadgroup`), the only one
+# that imports the two frameworks: most of their import (torch._dynamo) is shared, so it is paid once.
+FRAMEWORK_TESTS = ("test_timm_", "test_hf_")
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(items):
     """Test modules import timm and Transformers inside the tests, not at the top: every worker collects
-    every module, and the one that runs no timm test then never pays timm's 3 s import. The slow layer
-    keeps no groups: there a framework's import is small beside its tests, which spread over the workers."""
+    every module, and the one that runs no framework test then never pays the frameworks' seconds of import.
+    The slow layer keeps no group: there an import is small beside the tests, which spread over the workers."""
     for item in items:
-        group = next((g for prefix, g in FRAMEWORK_GROUPS.items() if item.module.__name__.startswith(prefix)), None)
-        if group and item.get_closest_marker("slow") is None:
-            item.add_marker(pytest.mark.xdist_group(group))
+        if item.module.__name__.startswith(FRAMEWORK_TESTS) and item.get_closest_marker("slow") is None:
+            item.add_marker(pytest.mark.xdist_group("frameworks"))
 
 
 @pytest.fixture(autouse=True)

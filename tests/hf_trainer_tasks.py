@@ -14,14 +14,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
-from transformers import (  # noqa: E402
-    DefaultFlowCallback,
-    TrainerCallback,
-    TrainerControl,
-    TrainerState,
-    TrainingArguments,
-    get_scheduler,
-)
 
 # The step shape, for the tests of its mechanics (decays between stages), whatever the callback's default
 STEP = {"decay_shape": "step"}
@@ -72,32 +64,12 @@ class RankLossMLP(MLP):
         return out
 
 
-class LRRecorder(TrainerCallback):
-    """The LR each optimizer step actually uses, read from the optimizer right before it steps."""
-
-    def __init__(self):
-        self.used = {}
-
-    def on_pre_optimizer_step(self, args, state, control, optimizer=None, **kwargs):
-        self.used[state.global_step + 1] = [group["lr"] for group in optimizer.param_groups]
-
-
-class StopAt(TrainerCallback):
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_end(self, args, state, control, **kwargs):
-        if state.global_step >= self.step:
-            control.should_training_stop = True
-            control.should_save = True
-
-
 def user_trainer(output_dir, callbacks, eval_dataset=None, model_class=MLP, optimizer=None, scheduler=None,
                  **overrides):
     """A Trainer as a user writes it: nothing AutoDecay-specific but the callback. ``optimizer``: a function
     of the model's parameters building the optimizer the Trainer is given (else it builds ``optim``);
     ``scheduler``: a function of that optimizer building the scheduler it is given."""
-    from transformers import Trainer  # seconds to import: only the tests that train pay for it
+    from transformers import Trainer, TrainingArguments  # seconds to import: only the tests that train pay
 
     settings = dict(
         output_dir=str(output_dir), max_steps=MAX_STEPS, logging_steps=10, lr_scheduler_type="constant",
@@ -131,6 +103,8 @@ class EventRun:
     def __init__(self, callback, max_steps, logging_steps=10, lr=1.0, schedule="constant_with_warmup",
                  warmup_steps=0, save_steps=0, logging_strategy="steps", steps_per_epoch=None, group_lrs=None,
                  resume=None, nan_filter=True, min_lr_rate=None):
+        from transformers import DefaultFlowCallback, TrainerControl, TrainerState, TrainingArguments, get_scheduler
+
         self.args = TrainingArguments(
             output_dir="unused", max_steps=max_steps, logging_steps=logging_steps, logging_strategy=logging_strategy,
             save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, lr_scheduler_type=schedule,
@@ -218,6 +192,8 @@ class EventRun:
 
 def two_process_worker(out_dir):
     """One rank of the two-process test: the same user-written run, its decisions and LRs to JSON."""
+    from hf_trainer_callbacks import LRRecorder
+
     from hf_integration import AutoDecayCallback, find_autodecay_callback
 
     recorder = LRRecorder()

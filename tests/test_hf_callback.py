@@ -8,33 +8,20 @@ import subprocess
 import sys
 from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-
 import pytest
+from hf_trainer_tasks import LR, MAX_STEPS, STEP, NoisyClassification, loss_logs, user_trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 WORKER = Path(__file__).with_name("distributed_worker.py")
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from hf_trainer_tasks import (  # noqa: E402
-    LR,
-    MAX_STEPS,
-    STEP,
-    LRRecorder,
-    NoisyClassification,
-    StopAt,
-    loss_logs,
-    user_trainer,
-)
-
-from hf_integration import AutoDecayCallback, find_autodecay_callback  # noqa: E402
 
 
 @pytest.fixture(scope="module", params=[100, 105], ids=["save_steps=100", "save_steps=105"])
 def full_run(request, tmp_path_factory):
     """The uninterrupted run; with save_steps=105 the checkpoints fall between the logging steps."""
+    from hf_trainer_callbacks import LRRecorder
+
+    from hf_integration import AutoDecayCallback, find_autodecay_callback
+
     out = tmp_path_factory.mktemp("full")
     recorder = LRRecorder()
     trainer = user_trainer(out, [AutoDecayCallback(**STEP), recorder], save_steps=request.param)
@@ -82,6 +69,10 @@ def test_stages_decay_and_the_last_stops_with_checkpoint(full_run):
 @pytest.mark.slow
 @pytest.mark.parametrize("restore", [False, True], ids=["plain-resume", "restore_callback_states"])
 def test_resume_mid_stage_continues_identically(full_run, tmp_path, restore):
+    from hf_trainer_callbacks import LRRecorder
+
+    from hf_integration import AutoDecayCallback, find_autodecay_callback
+
     history = full_run["callback"].history
     decays = [h["update"] for h in history if h["action"] == "decay"]
     # a checkpoint strictly inside stage 1 (after the first decay, before the next stage end)
@@ -112,6 +103,10 @@ def test_resume_mid_stage_continues_identically(full_run, tmp_path, restore):
 
 @pytest.mark.slow
 def test_resume_from_a_checkpoint_without_autodecay(tmp_path):
+    from hf_trainer_callbacks import StopAt
+
+    from hf_integration import AutoDecayCallback, find_autodecay_callback
+
     user_trainer(tmp_path, [StopAt(100)]).train()
     trainer = user_trainer(tmp_path, [AutoDecayCallback(**STEP)])
     with pytest.warns(UserWarning, match="holds no AutoDecay state"):
@@ -144,6 +139,8 @@ def test_two_processes_decide_alike(tmp_path, torchrun):
      ({"warmup_updates": 50, "total_updates": 40}, "50"), ({"windw": 100}, "windw")],
 )
 def test_bad_settings_are_refused_by_name(kwargs, message):
+    from hf_integration import AutoDecayCallback
+
     with pytest.raises(ValueError, match=message):
         AutoDecayCallback(**kwargs)
 
@@ -155,6 +152,8 @@ def test_bad_settings_are_refused_by_name(kwargs, message):
      ({"logging_strategy": "no"}, "logging_strategy='no'")],
 )
 def test_unusable_trainer_setups_are_refused(tmp_path, overrides, message):
+    from hf_integration import AutoDecayCallback
+
     trainer = user_trainer(tmp_path, [AutoDecayCallback()], eval_dataset=NoisyClassification(n=64), **overrides)
     with pytest.raises(ValueError, match=message):
         trainer.train()
@@ -162,6 +161,10 @@ def test_unusable_trainer_setups_are_refused(tmp_path, overrides, message):
 
 @pytest.mark.slow  # a real Trainer: seconds to import
 def test_coarse_logging_warns_with_what_to_set(tmp_path):
+    from hf_trainer_callbacks import StopAt
+
+    from hf_integration import AutoDecayCallback
+
     trainer = user_trainer(tmp_path, [AutoDecayCallback(**STEP), StopAt(1)], logging_steps=500, save_strategy="no")
     with pytest.warns(UserWarning, match=r"logging_steps=500 gives 0.2 loss logs per AutoDecay window of 100 "
                                          r"steps.*Set logging_steps <= 12"):

@@ -4,16 +4,9 @@ set at every step; the run finishes with a checkpoint at the cooldown's end; a r
 continues exactly."""
 import json
 import math
-import sys
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from hf_trainer_tasks import LR, MAX_STEPS, EventRun, LRRecorder, loss_logs, user_trainer  # noqa: E402
-
-from hf_integration import AutoDecayCallback, find_autodecay_callback  # noqa: E402
+from hf_trainer_tasks import LR, MAX_STEPS, EventRun, loss_logs, user_trainer
 
 WARMUP = 30
 
@@ -32,6 +25,8 @@ def cooldown_lr(step, start, length, peak, floor=0.0, curve="1-sqrt"):
 
 
 def cooldown_run(stream, save_steps=50, resume=None, **settings):
+    from hf_integration import AutoDecayCallback
+
     callback = AutoDecayCallback(decay_shape="cooldown", **settings)
     run = EventRun(callback, max_steps=MAX_STEPS, lr=LR, warmup_steps=WARMUP, save_steps=save_steps, resume=resume)
     run.feed(stream[run.state.global_step:])
@@ -84,12 +79,18 @@ def test_a_resume_mid_cooldown_continues_exactly():
 
 
 def test_min_lr_needs_the_cooldown_shape():
+    from hf_integration import AutoDecayCallback
+
     with pytest.raises(ValueError, match=r"min_lr=0\.01 .*decay_shape='cooldown'"):
         AutoDecayCallback(decay_shape="step", min_lr=0.01)
 
 
 @pytest.fixture(scope="module")
 def trainer_cooldown(tmp_path_factory):
+    from hf_trainer_callbacks import LRRecorder
+
+    from hf_integration import AutoDecayCallback
+
     out = tmp_path_factory.mktemp("cooldown")
     recorder = LRRecorder()
     trainer = user_trainer(out, [AutoDecayCallback(decay_shape="cooldown"), recorder], save_steps=50,
@@ -100,6 +101,8 @@ def trainer_cooldown(tmp_path_factory):
 
 @pytest.mark.slow
 def test_trainer_cools_down_every_step_and_stops_with_a_checkpoint(trainer_cooldown):
+    from hf_integration import find_autodecay_callback
+
     out, trainer, recorder = trainer_cooldown
     history = find_autodecay_callback(trainer).history
     assert [h["action"] for h in history] == ["cooldown", "finish"], history
@@ -117,6 +120,10 @@ def test_trainer_cools_down_every_step_and_stops_with_a_checkpoint(trainer_coold
 @pytest.mark.slow
 @pytest.mark.parametrize("restore", [False, True], ids=["plain-resume", "restore_callback_states"])
 def test_trainer_resumed_mid_cooldown_continues_exactly(trainer_cooldown, tmp_path, restore):
+    from hf_trainer_callbacks import LRRecorder
+
+    from hf_integration import AutoDecayCallback, find_autodecay_callback
+
     out, full, full_recorder = trainer_cooldown
     start, end = (h["update"] for h in find_autodecay_callback(full).history)
     mid = next(s for s in range(50, end, 50) if start < s < end)

@@ -2,18 +2,12 @@
 plateau or checkpointed with NaN weights. One non-finite batch that the optimizer skips is not divergence.
 """
 import math
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from hf_trainer_tasks import MLP, STEP, EventRun, user_trainer  # noqa: E402
-
-from hf_integration import AutoDecayCallback, find_autodecay_callback  # noqa: E402
+from hf_trainer_tasks import MLP, STEP, EventRun, user_trainer
 
 NAN_FROM = 101  # the training step whose batch is NaN
 
@@ -50,6 +44,8 @@ def checkpoint_steps(out):
 @pytest.mark.slow
 @pytest.mark.parametrize("nan_filter", [True, False], ids=["logging_nan_inf_filter", "no-filter"])
 def test_a_run_whose_loss_turns_nan_stops_with_a_divergence_error(tmp_path, nan_filter):
+    from hf_integration import AutoDecayCallback, find_autodecay_callback
+
     callback = AutoDecayCallback()
     trainer = user_trainer(tmp_path, [callback], model_class=NaNBatchMLP, save_steps=10,
                            logging_nan_inf_filter=nan_filter)
@@ -70,6 +66,8 @@ def test_a_run_whose_loss_turns_nan_stops_with_a_divergence_error(tmp_path, nan_
 @pytest.mark.slow
 def test_one_nan_batch_that_the_optimizer_skips_is_not_divergence(tmp_path):
     """Logging every step, the NaN batch is a whole log of non-finite losses: left out, not divergence."""
+    from hf_integration import AutoDecayCallback, find_autodecay_callback
+
     trainer = user_trainer(tmp_path, [AutoDecayCallback(**STEP)], logging_steps=1, save_steps=NAN_FROM,
                            model_class=lambda: NaNBatchMLP(only_once=True),
                            optimizer=lambda params: SkipNonFiniteSGD(params, lr=3.0))
@@ -104,6 +102,8 @@ def test_what_a_loss_log_says(logs, trusted, all_nonfinite):
 @pytest.mark.parametrize("nan_filter, stop", [(True, 520), (False, 510)], ids=["logging_nan_inf_filter", "no-filter"])
 def test_nan_losses_take_no_decision_even_across_a_budget_boundary(nan_filter, stop):
     """The stream turns NaN 5 steps before the first budget boundary (step 500 of 1500): no decay there."""
+    from hf_integration import AutoDecayCallback
+
     run = EventRun(AutoDecayCallback(patience=10_000), max_steps=1500, nan_filter=nan_filter)
     run.feed([1.0 - i / 2000 for i in range(495)])
     with pytest.raises(FloatingPointError, match="diverged"):
@@ -115,6 +115,8 @@ def test_nan_losses_take_no_decision_even_across_a_budget_boundary(nan_filter, s
 def test_a_nan_batch_the_run_recovers_from_keeps_the_budget_boundary():
     """The NaN filter off, one NaN loss at step 495 and a finite gradient by step 500 (the batch was
     skipped): the log at 500 is NaN, its loss unknown, but stage 0 still ends at its budget share, 500."""
+    from hf_integration import AutoDecayCallback
+
     run = EventRun(AutoDecayCallback(**STEP, patience=10_000), max_steps=1500, nan_filter=False)
     losses = [1.0 - i / 2000 for i in range(1500)]
     losses[494] = math.nan

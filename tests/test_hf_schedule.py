@@ -1,19 +1,11 @@
 """How the callback drives the Trainer's scheduler: param groups keep their ratios and a group added
 mid-run joins the schedule; budget boundaries hold exactly under any logging; schedulers that cannot
 compose are refused with what to write instead."""
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from torch import nn
-from transformers import TrainerCallback
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from hf_trainer_tasks import LR, MLP, STEP, EventRun, LRRecorder, loss_logs, user_trainer  # noqa: E402
-
-from hf_integration import AutoDecayCallback, find_autodecay_callback  # noqa: E402
+from hf_trainer_tasks import LR, MLP, STEP, EventRun, loss_logs, user_trainer
 
 BUDGET_ONLY = {**STEP, "patience": 10**6}  # no plateau ever lasts this long: every stage ends at its budget share
 
@@ -23,6 +15,8 @@ def falling(length=1500):
 
 
 def test_param_groups_keep_their_ratio_and_a_group_added_mid_run_joins_the_schedule():
+    from hf_integration import AutoDecayCallback
+
     run = EventRun(AutoDecayCallback(**BUDGET_ONLY), max_steps=1500, group_lrs=[1.0, 0.1])
     run.feed(falling()[:300])
     run.optimizer.add_param_group({"params": [nn.Parameter(torch.zeros(1))], "lr": 0.5})
@@ -35,21 +29,6 @@ def test_param_groups_keep_their_ratio_and_a_group_added_mid_run_joins_the_sched
     assert all(run.logs[s]["learning_rate"] == run.used[s][0] for s in run.logs)
 
 
-class UnfreezeAt(TrainerCallback):
-    """A user's callback unfreezing the frozen first layer at ``step`` (a new param group at the LR the
-    other groups have then)."""
-
-    def __init__(self, step):
-        self.step = step
-
-    def on_step_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
-        if state.global_step == self.step:
-            layer = model.net[0]
-            layer.requires_grad_(True)
-            optimizer.add_param_group({"params": list(layer.parameters()), "lr": optimizer.param_groups[0]["lr"],
-                                       "weight_decay": 0.0})
-
-
 class FrozenFirstLayerMLP(MLP):
     def __init__(self):
         super().__init__()
@@ -58,6 +37,10 @@ class FrozenFirstLayerMLP(MLP):
 
 @pytest.mark.slow
 def test_a_backbone_unfrozen_mid_run_is_decayed_with_the_rest(tmp_path):
+    from hf_trainer_callbacks import LRRecorder, UnfreezeAt
+
+    from hf_integration import AutoDecayCallback, find_autodecay_callback
+
     recorder = LRRecorder()
     trainer = user_trainer(tmp_path, [AutoDecayCallback(**STEP), UnfreezeAt(100), recorder],
                            model_class=FrozenFirstLayerMLP, save_strategy="no")
@@ -75,6 +58,8 @@ def test_a_backbone_unfrozen_mid_run_is_decayed_with_the_rest(tmp_path):
 @pytest.mark.parametrize("logging", [{"logging_strategy": "epoch"}, {"logging_steps": 30}],
                          ids=["logging_strategy=epoch", "logging_steps=30"])
 def test_budget_boundaries_hold_exactly_under_coarse_logging(logging):
+    from hf_integration import AutoDecayCallback
+
     with pytest.warns(UserWarning, match="loss logs per AutoDecay window"):
         run = EventRun(AutoDecayCallback(**BUDGET_ONLY), max_steps=1500, steps_per_epoch=64, **logging)
     run.feed(falling())
@@ -91,6 +76,8 @@ def test_budget_boundaries_hold_exactly_under_coarse_logging(logging):
     ids=["OneCycleLR", "StepLR"],
 )
 def test_a_scheduler_of_your_own_is_refused_with_what_composes(tmp_path, scheduler, absent):
+    from hf_integration import AutoDecayCallback
+
     trainer = user_trainer(tmp_path, [AutoDecayCallback()], optimizer=lambda p: torch.optim.SGD(p, lr=LR),
                            scheduler=scheduler)
     with pytest.raises(ValueError) as raised:
@@ -103,6 +90,8 @@ def test_a_scheduler_of_your_own_is_refused_with_what_composes(tmp_path, schedul
 
 @pytest.mark.slow
 def test_a_lambda_lr_of_your_own_composes(tmp_path):
+    from hf_integration import AutoDecayCallback
+
     trainer = user_trainer(tmp_path, [AutoDecayCallback(**STEP)], optimizer=lambda p: torch.optim.SGD(p, lr=LR),
                            scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0),
                            max_steps=20, save_strategy="no")

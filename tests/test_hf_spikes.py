@@ -10,16 +10,9 @@ clean run's decisions within two buckets.
 import json
 import math
 import random
-import sys
-from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from hf_trainer_tasks import EventRun  # noqa: E402
-
-from hf_integration import AutoDecayCallback  # noqa: E402
+from hf_trainer_tasks import EventRun
 
 STEPS, LOGGING = 3000, 10
 OUTLIERS = {"3x": 3.0, "1e3x": 1e3, "1e6x": 1e6, "zero": 0.0, "nan-filter": math.nan}
@@ -32,6 +25,8 @@ def per_update_losses(seed, noise=0.02):
 
 
 def start(resume=None, shape="step"):
+    from hf_integration import AutoDecayCallback
+
     return EventRun(AutoDecayCallback(decay_shape=shape), max_steps=STEPS, logging_steps=LOGGING,
                     save_steps=LOGGING, resume=resume)
 

@@ -3,16 +3,10 @@ an entry written by release 0.1.0 resumes; every checkpoint resumes whatever was
 import copy
 import json
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from hf_trainer_tasks import LR, MAX_STEPS, STEP, EventRun, StopAt, loss_logs, user_trainer  # noqa: E402
-
-from hf_integration import AutoDecayCallback, find_autodecay_callback  # noqa: E402
+from hf_trainer_tasks import LR, MAX_STEPS, STEP, EventRun, loss_logs, user_trainer
 
 DATA = Path(__file__).resolve().parent / "data"
 SAVED_AT = 400
@@ -25,12 +19,16 @@ def plateau_stream(length=MAX_STEPS):
 
 @pytest.fixture(scope="module")
 def saved_entry():
+    from hf_integration import AutoDecayCallback
+
     run = EventRun(AutoDecayCallback(**STEP), max_steps=MAX_STEPS, save_steps=SAVED_AT)
     run.feed(plateau_stream(SAVED_AT))
     return json.loads(run.saved[SAVED_AT])
 
 
 def test_a_saved_entry_resumes_as_saved(saved_entry):
+    from hf_integration import AutoDecayCallback
+
     run = EventRun(AutoDecayCallback(**STEP), max_steps=MAX_STEPS, resume=(SAVED_AT, json.dumps(saved_entry)))
     assert run.callback.detector.state_dict() == saved_entry["attributes"]["detector_state"]
     assert saved_entry["attributes"]["detector_state"]["version"] == 2
@@ -65,6 +63,8 @@ DETECTOR = "attributes.detector_state"
      (f"{DETECTOR}.update", 900, r"'update' is 900, past the checkpoint's step 400")],
 )
 def test_a_damaged_entry_is_refused_whole_naming_the_key(saved_entry, path, value, message):
+    from hf_integration import AutoDecayCallback
+
     damaged = copy.deepcopy(saved_entry)
     _set(damaged, path, value)
     callback = AutoDecayCallback(**STEP)
@@ -80,6 +80,10 @@ def test_a_damaged_entry_is_refused_whole_naming_the_key(saved_entry, path, valu
 def test_a_checkpoint_of_release_0_1_0_resumes(tmp_path, restore):
     """tests/data/trainer_state_0.1.0.json: written by release 0.1.0 at step 400 of this task, in stage 1
     (decayed at 240, a fit under way). The weights and optimizer here are this release's, the entry 0.1.0's."""
+    from hf_trainer_callbacks import StopAt
+
+    from hf_integration import AutoDecayCallback, find_autodecay_callback
+
     old = json.loads((DATA / "trainer_state_0.1.0.json").read_text())
     old_state = old["stateful_callbacks"]["AutoDecayCallback"]["attributes"]["detector_state"]
     assert "version" not in old_state and old_state["stage"] == 1 and old_state["update"] == SAVED_AT
@@ -105,6 +109,10 @@ def test_trying_an_older_checkpoint_leaves_a_later_one_resumable(tmp_path):
     """Resume from checkpoint-100 into the run's own folder (it rewrites checkpoint-200), stop at 250, then
     resume the same Trainer and callback from the run's last checkpoint before its end: it ends as the
     uninterrupted run did."""
+    from hf_trainer_callbacks import StopAt
+
+    from hf_integration import AutoDecayCallback, find_autodecay_callback
+
     full = user_trainer(tmp_path / "full", [AutoDecayCallback(**STEP)])
     full.train()
     history, stop = find_autodecay_callback(full).history, full.state.global_step

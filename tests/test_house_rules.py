@@ -1,6 +1,9 @@
 """The house rules of the code base, kept from coming back: short files, short functions, imports
-that run one way (a cycle, even through an import inside a function, fails)."""
+that run one way (a cycle, even through an import inside a function, fails), test modules that import no
+framework until a test needs it."""
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -80,3 +83,16 @@ def test_the_detector_imports_no_framework():
         imported |= {(node.module or "").split(".")[0] for node in ast.walk(tree)
                      if isinstance(node, ast.ImportFrom) and not node.level}
         assert not imported & {"torch", "timm", "transformers", "accelerate", "numpy"}, name
+
+
+@pytest.mark.slow  # a fresh interpreter importing torch: seconds
+def test_collecting_the_tests_imports_neither_timm_nor_transformers():
+    """The fast layer's speed rests on it (see conftest.py): a test module importing a framework at its top
+    makes every pytest-xdist worker pay seconds for it."""
+    modules = sorted(path.stem for path in (ROOT / "tests").glob("test_*.py"))
+    probe = (f"import sys; import {', '.join(modules)}; "
+             "print(sorted({'timm', 'transformers', 'accelerate'} & set(sys.modules)))")
+    result = subprocess.run([sys.executable, "-c", probe], cwd=ROOT / "tests", capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]", f"imported while collecting: {result.stdout.strip()}"
