@@ -94,6 +94,7 @@ def test_clean_run_ends_every_stage_at_its_budget_share(shape):
     assert decisions(run) == CLEAN[shape]
 
 
+@pytest.mark.slow  # 50 event runs a shape; the detector's own spike tests are in the inner loop
 @pytest.mark.parametrize("shape", sorted(CLEAN))
 def test_one_bad_log_early_mid_stage_and_at_a_boundary_moves_nothing(shape):
     """Where it hurt: early in stage 0, mid stage 1 (a loss of 5 at update 1200 ended stage 1 at 1288 and
