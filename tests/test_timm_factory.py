@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 ORIGINAL = "__timm_autodecay_original__"
 
 
-def test_factory_builds_autodecay_and_leaves_other_schedules_alone(tmp_path):
+def test_factory_builds_autodecay_and_leaves_other_schedules_alone(tmp_path, monkeypatch):
     from timm_autodecay.timm_scheduler import AutoDecayScheduler
 
     timm_scheduler = import_timm_scheduler()
@@ -41,7 +41,9 @@ def test_factory_builds_autodecay_and_leaves_other_schedules_alone(tmp_path):
     theirs, _ = original_create(torch.optim.SGD(Toy().parameters(), lr=BASE_LR), **kwargs, updates_per_epoch=UPE)
     assert type(ours) is type(theirs) is timm_scheduler.CosineLRScheduler
     assert [ours._get_lr(t) for t in range(30)] == [theirs._get_lr(t) for t in range(30)]
-    # timm's create_scheduler (v1) goes through the same factory
+    # timm's create_scheduler (v1) goes through the same factory (it has no state folder argument; the warning
+    # about that has its own test)
+    monkeypatch.setattr(timm_factory, "_warned_no_state_dir", True)
     v1 = timm_scheduler.create_scheduler(make_args(**yaml_keys()), optimizer, updates_per_epoch=UPE)
     assert isinstance(v1[0], AutoDecayScheduler)
 
