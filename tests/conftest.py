@@ -39,16 +39,15 @@ def pytest_sessionfinish(session):
     gc.freeze()
 
 
-# The timm and Transformers faces' fast tests run on one pytest-xdist worker (`--dist loadgroup`), the only one
-# that imports the two frameworks: most of their import (torch._dynamo) is shared, so it is paid once.
 FRAMEWORK_TESTS = ("test_timm_", "test_hf_")
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups
 def pytest_collection_modifyitems(items):
-    """Test modules import timm and Transformers inside the tests, not at the top: every worker collects
-    every module, and the one that runs no framework test then never pays the frameworks' seconds of import.
-    The slow layer keeps no group: there an import is small beside the tests, which spread over the workers."""
+    """The timm and Transformers faces' fast tests form one group (`--dist loadgroup`): one worker imports both
+    frameworks, which share most of their import, and the other never pays it (every worker collects every
+    module, so those import the frameworks inside their tests). The slow layer keeps no group: there an
+    import is small beside the tests, which spread over the workers."""
     for item in items:
         if item.module.__name__.startswith(FRAMEWORK_TESTS) and item.get_closest_marker("slow") is None:
             item.add_marker(pytest.mark.xdist_group("frameworks"))

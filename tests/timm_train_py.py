@@ -10,7 +10,7 @@ checkpoints carry it and a resumed run sees the very losses an unbroken one sees
 
 Detector settings are explicit and small; expected decisions come from a bare StageDetector fed
 the same per-update losses, so the tests check the plumbing, not the detector's tuning.
-Run as a script under torchrun, this module is the two-rank worker: ``timm_train_py.py OUT_DIR``.
+``two_rank_worker`` is the two-rank test's worker (started through ``distributed_worker.py timm OUT_DIR``).
 """
 import argparse
 import json
