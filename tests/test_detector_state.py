@@ -29,7 +29,7 @@ def mid_run_state():
 
 
 def test_state_carries_its_format_version():
-    assert mid_run_state()["version"] == STATE_VERSION == 2
+    assert mid_run_state()["version"] == STATE_VERSION == 3
 
 
 def test_a_0_1_0_state_resumes_where_it_stopped():

@@ -31,7 +31,7 @@ def test_a_saved_entry_resumes_as_saved(saved_entry):
 
     run = EventRun(AutoDecayCallback(**STEP), max_steps=MAX_STEPS, resume=(SAVED_AT, json.dumps(saved_entry)))
     assert run.callback.detector.state_dict() == saved_entry["attributes"]["detector_state"]
-    assert saved_entry["attributes"]["detector_state"]["version"] == 2
+    assert saved_entry["attributes"]["detector_state"]["version"] == 3
 
 
 def _set(entry, path, value):
@@ -101,7 +101,7 @@ def test_a_checkpoint_of_release_0_1_0_resumes(tmp_path, restore):
     assert first["learning_rate"] == pytest.approx(LR * 0.1) and first["autodecay/stage"] == 1
     stop = trainer.state.global_step
     written = json.loads((tmp_path / "resumed" / f"checkpoint-{stop}" / "trainer_state.json").read_text())
-    assert written["stateful_callbacks"]["AutoDecayCallback"]["attributes"]["detector_state"]["version"] == 2
+    assert written["stateful_callbacks"]["AutoDecayCallback"]["attributes"]["detector_state"]["version"] == 3
 
 
 @pytest.mark.slow

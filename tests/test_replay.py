@@ -215,7 +215,7 @@ def test_cli_has_a_flag_for_every_detector_setting(tmp_path, capsys):
     given = {"num_stages": 2, "total_updates": 400, "updates_per_epoch": 20, "warmup_updates": 5,
              "window": 40, "patience": 7, "significance": 2.0, "min_progress": 0.1,
              "min_points": 4, "first_stage_patience": 0.5, "decay_shape": "cooldown",
-             "cooldown_fraction": 0.3, "cooldown_curve": "linear"}
+             "cooldown_fraction": 0.3, "cooldown_curve": "linear", "eval_mode": "max", "eval_patience": 4}
     assert set(given) == set(StageDetector.SETTINGS), "a new setting: add it to this test"
     argv = [x for name, value in given.items() for x in ("--" + name.replace("_", "-"), value)]
     code, out, err = run_cli(capsys, "replay", path, *argv)

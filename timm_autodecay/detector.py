@@ -28,12 +28,14 @@ stage. The first stage starts from random weights, not from a plateau: its loss 
 and the wander of the highest learning rate fakes short plateaus, so its plateau must also last
 ``first_stage_patience`` of the stage's age.
 
-On a plateau the detector answers ``decay``, and at the end of the last stage ``finish`` (step
-shape) or ``cooldown`` (cooldown shape: the LR anneals to its floor over ``cooldown_fraction`` of
-the whole run, then ``finish``). With a budget (``total_updates``), no stage may outlast its share
-of the budget left after warmup and cooldown (the StepDecay milestone it replaces); reaching it ends
-the stage (reason ``budget``). So AutoDecay is never slower than the schedule it replaces and never
-ends at a high learning rate. ``lr_at`` turns the decisions into a learning rate, for every face.
+Evaluation results, when the user gives them (``observe_eval``), also end a stage: once the held-out
+metric has stopped improving (``evaluations.py``). On a plateau the detector answers ``decay``, and
+at the end of the last stage ``finish`` (step shape) or ``cooldown`` (cooldown shape: the LR anneals
+to its floor over ``cooldown_fraction`` of the whole run, then ``finish``). With a budget
+(``total_updates``), no stage may outlast its share of the budget left after warmup and cooldown (the
+StepDecay milestone it replaces); reaching it ends the stage (reason ``budget``). So AutoDecay is
+never slower than the schedule it replaces and never ends at a high learning rate. ``lr_at`` turns
+the decisions into a learning rate, for every face.
 
 Defaults and why
 ----------------
@@ -58,13 +60,18 @@ Defaults and why
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Deque, Dict, List, Optional, Tuple
 
 from . import state as saved_state
-from .settings import COOLDOWN_CURVES, DECAY_SHAPES, DEFAULTS, SETTINGS, check_choice, check_float, check_int
+from .evaluations import EvaluationSeries
+from .follows import FollowsDetector
+from .settings import (
+    COOLDOWN_CURVES, DECAY_SHAPES, DEFAULTS, EVAL_MODES, SETTINGS, check_choice, check_float, check_int,
+)
 from .state import STATE_VERSION, StateError, check_state_fields
 from .trend import fit_trend
 
@@ -98,26 +105,6 @@ class Decision:
     @property
     def changed(self) -> bool:
         return self.action != "continue"
-
-
-class FollowsDetector:
-    """What every adapter shows of its ``self.detector``: the stage, whether the run is over, and
-    the transitions so far."""
-
-    detector: "StageDetector"
-
-    @property
-    def stage(self) -> int:
-        return self.detector.stage
-
-    @property
-    def finished(self) -> bool:
-        """True once the last learning stage (and its cooldown) has ended: training should stop."""
-        return self.detector.finished
-
-    @property
-    def history(self) -> List[Dict[str, Any]]:
-        return self.detector.history
 
 
 def cooldown_factor(curve: str, progress: float) -> float:
@@ -161,6 +148,8 @@ class StageDetector:
         first_patience = given["first_stage_patience"]
         self.first_stage_patience = (DEFAULT_FIRST_STAGE_PATIENCE[self.decay_shape] if first_patience is None
                                      else check_float("first_stage_patience", first_patience, 0.0))
+        self.eval_mode = check_choice("eval_mode", given["eval_mode"], EVAL_MODES)
+        self.eval_patience = check_int("eval_patience", given["eval_patience"], 1)
         self.stage_budget = self._stage_budget()
         self.window = check_int("window", given["window"], 2, allow_none=True) or self._default_window()
         patience = check_int("patience", given["patience"], 0, allow_none=True)
@@ -198,6 +187,7 @@ class StageDetector:
         self.nonfinite_losses = 0
         self.nonfinite_streak = 0
         self.history: List[Dict[str, Any]] = []
+        self.evaluations = EvaluationSeries(self.eval_mode, self.eval_patience)
         self._reset_stage()
 
     def _reset_stage(self) -> None:
@@ -206,6 +196,7 @@ class StageDetector:
         self._points: Deque[Tuple[float, float, float]] = deque()
         self._plateau_since: Optional[int] = None
         self._stage_reference: Optional[float] = None  # fitted loss one window into the stage
+        self.evaluations.start_stage()
 
     # -- settings ---------------------------------------------------------------------------
     def settings(self) -> Dict[str, Any]:
@@ -278,6 +269,27 @@ class StageDetector:
         if not finite:
             return Decision("continue", self.stage, self.update, "non-finite loss ignored")
         return self._test_plateau(age)
+
+    def observe_eval(self, value: float) -> Decision:
+        """Take one evaluation result (oriented by ``eval_mode``); return the decision. The stable phase
+        (each stage, with the step shape) ends once the metric has stopped improving (``evaluations.py``)."""
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"an evaluation result must be a real number, got {type(value).__name__} {value!r}")
+        value = float(value)
+        judged = self.evaluations.record(value, self.update)
+        if not judged or self.finished or self.in_cooldown or self.update <= self.warmup_updates:
+            return Decision("continue", self.stage, self.update, "evaluation recorded")
+        evidence = self.evaluations.has_stopped_improving(value)
+        if self.evaluations.ended(evidence):
+            return self._end_stage("evaluation", evidence)
+        return Decision("continue", self.stage, self.update, "", evidence)
+
+    @property
+    def best_eval(self) -> Optional[Dict[str, float]]:
+        """The run's best evaluation so far and the update it was taken at (None before the first)."""
+        if self.evaluations.best_value is None:
+            return None
+        return {"value": self.evaluations.best_value, "update": self.evaluations.best_update}
 
     def skip(self, count: int) -> Decision:
         """Advance the clock by ``count`` updates that carry no loss (missing information, e.g. the
@@ -398,6 +410,7 @@ class StageDetector:
             "bucket_count": self._bucket_count,
             "points": [list(p) for p in self._points],
             "plateau_since": self._plateau_since,
+            "evaluations": self.evaluations.state_dict(),
         }
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
@@ -405,6 +418,7 @@ class StageDetector:
         the bad key, and changes nothing, if any of it is invalid."""
         state = saved_state.migrate(state)
         saved_state.validate(state, self.settings())
+        EvaluationSeries.check_state(state["evaluations"])
         self.update = state["update"]
         self.stage = state["stage"]
         self.finished = state["finished"]
@@ -419,3 +433,4 @@ class StageDetector:
         self._points = deque(tuple(float(v) for v in p) for p in state["points"])
         self._plateau_since = state["plateau_since"]
         self._stage_reference = state["stage_reference"]
+        self.evaluations.load_state_dict(state["evaluations"])

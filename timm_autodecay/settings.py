@@ -7,6 +7,7 @@ import numbers
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 DECAY_SHAPES = ("step", "cooldown")
+EVAL_MODES = ("min", "max")
 COOLDOWN_CURVES = ("1-sqrt", "linear", "cosine")
 
 # name -> (type, default, help). A default of None is resolved by the detector from the run's shape.
@@ -27,6 +28,10 @@ SETTINGS: Dict[str, Tuple[type, Any, str]] = {
                                      "finish) or 'step' (the paper's schedule: finish at once)"),
     "cooldown_fraction": (float, 0.2, "share of the whole run the cooldown takes (WSD's decay fraction)"),
     "cooldown_curve": (str, "1-sqrt", "the cooldown's shape: '1-sqrt', 'linear' or 'cosine'"),
+    "eval_mode": (str, "min", "direction of the evaluation metric, when one is given: 'min' (a loss) or 'max' "
+                              "(an accuracy)"),
+    "eval_patience": (int, 3, "evaluations without a new best (each the median of the last three) that end the "
+                              "stable phase, when evaluations are given"),
 }
 DEFAULTS: Dict[str, Any] = {name: default for name, (_, default, _) in SETTINGS.items()}
 

@@ -8,7 +8,8 @@ from typing import Any, Dict, Mapping, Tuple, Union
 
 from .settings import DEFAULTS
 
-STATE_VERSION = 2  # 1: release 0.1.0 (no "version" key)
+STATE_VERSION = 3  # 1: release 0.1.0 (no "version" key); 2: 0.2.0; 3: evaluations
+EVALUATION_SETTINGS = ("eval_mode", "eval_patience")  # added in state version 3
 _RETIRED_SETTINGS = {"min_relative_drop": "min_progress"}  # 0.1.0 name -> what replaced it
 
 Number = (int, float)
@@ -61,19 +62,26 @@ DETECTOR_FIELDS: Dict[str, Kinds] = {
     "bucket_count": int,
     "points": list,
     "plateau_since": (int, type(None)),
+    "evaluations": dict,
 }
 HISTORY_FIELDS: Dict[str, Kinds] = {"update": int, "action": str, "stage": int, "reason": str}
 
 
-def migrate(state: Any) -> Dict[str, Any]:
-    """A state of any earlier format in the current one (the argument is left untouched)."""
-    check_state_fields(state, {"settings": dict}, "")
+def check_version(state: Any) -> int:
+    """The format version of a saved state (1 when it has none), or StateError if this release cannot read it."""
     version = state.get("version", 1)
     if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= STATE_VERSION:
         raise StateError(
             f"AutoDecay state: 'version' {version!r} is not one this release reads (1..{STATE_VERSION}); "
             "it was written by a newer timm-autodecay: upgrade to resume it"
         )
+    return version
+
+
+def migrate(state: Any) -> Dict[str, Any]:
+    """A state of any earlier format in the current one (the argument is left untouched)."""
+    check_state_fields(state, {"settings": dict}, "")
+    version = check_version(state)
     state = dict(state)
     if version == 1:
         settings = dict(state["settings"])
@@ -84,8 +92,12 @@ def migrate(state: Any) -> Dict[str, Any]:
         settings.setdefault("decay_shape", "step")  # the only shape 0.1.0 had
         for name, default in DEFAULTS.items():
             settings.setdefault(name, default)
-        state.update(settings=settings, version=STATE_VERSION, stage_reference=None,
-                     cooldown_start=None, cooldown_updates=None)
+        state.update(settings=settings, stage_reference=None, cooldown_start=None, cooldown_updates=None)
+    if version < 3:  # no evaluations before: the evaluation settings at their defaults, no evaluation seen
+        state["settings"] = {**{name: DEFAULTS[name] for name in EVALUATION_SETTINGS}, **state["settings"]}
+        state["evaluations"] = {"recent": [], "count": 0, "best_smoothed": None, "best_at": None,
+                                "best_value": None, "best_update": None, "nonfinite": 0}
+    state["version"] = STATE_VERSION
     return state
 
 

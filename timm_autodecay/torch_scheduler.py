@@ -52,21 +52,33 @@ def check_decay_rate(decay_rate: Any) -> float:
     return value
 
 
-def check_loss(loss: Any) -> Union[float, torch.Tensor]:
-    """A training loss as a float (host numbers, CPU tensors) or a one-element tensor on its device."""
+def check_loss(loss: Any, what: str = "loss") -> Union[float, torch.Tensor]:
+    """A training loss (or another scalar, ``what``) as a float (host numbers, CPU tensors) or a one-element
+    tensor on its device."""
     if isinstance(loss, torch.Tensor):
         if loss.device.type == "meta":
-            raise ValueError("the loss is a tensor on the 'meta' device, which holds no value: pass the "
-                             "loss computed on real data")
+            raise ValueError(f"the {what} is a tensor on the 'meta' device, which holds no value: pass the "
+                             f"{what} computed on real data")
         if loss.numel() != 1:
-            raise ValueError(f"the loss must be a scalar (0-dim tensor or float), got shape {tuple(loss.shape)}")
+            raise ValueError(f"the {what} must be a scalar (0-dim tensor or float), got shape {tuple(loss.shape)}")
         if loss.dtype == torch.bool or loss.is_complex():
-            raise TypeError(f"the loss must be a real number, got a tensor of {loss.dtype}")
+            raise TypeError(f"the {what} must be a real number, got a tensor of {loss.dtype}")
         loss = loss.detach().reshape(())
         return float(loss) if loss.device.type == "cpu" else loss
     if isinstance(loss, bool) or not isinstance(loss, numbers.Real):
-        raise TypeError(f"the loss must be a float or a 0-dim tensor, got {type(loss).__name__} {loss!r}")
+        raise TypeError(f"the {what} must be a float or a 0-dim tensor, got {type(loss).__name__} {loss!r}")
     return float(loss)
+
+
+def _mean_over_ranks(value: Union[float, torch.Tensor]) -> float:
+    """A scalar as a float, averaged over all ranks when ``torch.distributed`` is running (every rank then
+    judges the same value)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return float(value)
+    device = value.device if isinstance(value, torch.Tensor) else torch.device("cpu")
+    total = torch.as_tensor(value, dtype=torch.float64, device=device).reshape(1).clone()
+    dist.all_reduce(total)
+    return total.item() / dist.get_world_size()
 
 
 class LossAccumulator:
@@ -262,15 +274,41 @@ class AutoDecayLR(FollowsDetector, LRScheduler):
             self.accumulator.add(loss)
             self._warmup_ramp()
             if self.accumulator.updates >= self.detector.next_observation_in:
-                count = self.accumulator.updates
-                mean, nonfinite = self.accumulator.read()
-                self.last_decision = self.detector.observe(mean, count, nonfinite)
-                if self.last_decision.action == "decay":
-                    self._scale_lrs(self.decay_rate)
-                elif self.last_decision.action == "cooldown":
-                    self.cooldown_lrs = self._current_lrs()
+                self._observe_pending_losses()
             if self.cooldown_lrs is not None:
                 self._cool_down()
+
+    def step_eval(self, value: Union[float, torch.Tensor]) -> None:
+        """Record one evaluation result (a float or 0-dim tensor; ``eval_mode`` says which way is better):
+        the stable phase also ends once the held-out metric has stopped improving. Call it after each
+        evaluation, on every rank: ranks decide on the mean of their values."""
+        value = check_loss(value, "evaluation result")
+        if self.detector.finished:
+            self.detector.observe_eval(_mean_over_ranks(value))
+            return
+        if self.accumulator.updates:
+            self._observe_pending_losses()  # the detector's clock reaches this update before it judges
+        self._apply(self.detector.observe_eval(_mean_over_ranks(value)))
+        if self.cooldown_lrs is not None:
+            self._cool_down()
+
+    @property
+    def eval_is_best(self) -> bool:
+        """True right after ``step_eval`` when that evaluation is the run's best so far: save the model then,
+        to keep the best one if the metric falls late in the run."""
+        return self.detector.evaluations.is_best
+
+    def _observe_pending_losses(self) -> None:
+        count = self.accumulator.updates
+        mean, nonfinite = self.accumulator.read()
+        self._apply(self.detector.observe(mean, count, nonfinite))
+
+    def _apply(self, decision: Decision) -> None:
+        self.last_decision = decision
+        if decision.action == "decay":
+            self._scale_lrs(self.decay_rate)
+        elif decision.action == "cooldown":
+            self.cooldown_lrs = self._current_lrs()
 
     # -- what happens to the LRs -------------------------------------------------------------
     def _current_lrs(self) -> List[float]:

@@ -6,6 +6,7 @@ import math
 from typing import Any, Dict
 
 from .detector import STATE_VERSION, StateError, check_state_fields
+from .state import check_version
 
 Number = (int, float)
 SCHEDULER_FIELDS = {
@@ -45,12 +46,9 @@ def migrate_scheduler_state(state: Any) -> Dict[str, Any]:
     Release 0.1.0 (no ``version``) had neither a cooldown nor a warmup ramp, and set every group's LR
     to ``base_lr * decay_rate ** stage``."""
     check_state_fields(state, {"detector": dict}, "")
-    version = state.get("version", 1)
-    if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= STATE_VERSION:
-        raise StateError(f"AutoDecay state: 'version' {version!r} is not one this release reads "
-                         f"(1..{STATE_VERSION}); it was written by a newer timm-autodecay: upgrade to resume it")
+    version = check_version(state)
     if version > 1:
-        return state
+        return {**state, "version": STATE_VERSION}
     check_state_fields(state, {"decay_rate": Number, "base_lrs": list}, "")
     stage = state["detector"].get("stage")
     lrs = None
