@@ -1,6 +1,6 @@
 """The multi-process tests' workers, one per face, all started by the `torchrun` fixture (conftest.py):
 
-    torchrun --standalone --nproc_per_node 2 tests/distributed_worker.py {torch,timm,trainer} OUT_DIR
+    torchrun --standalone --nproc_per_node 2 tests/distributed_worker.py {torch,torch_eval,timm,trainer} OUT_DIR
 
 Each rank trains with losses of its own and writes what it decided into OUT_DIR; the test compares the ranks.
 """
@@ -40,6 +40,35 @@ def torch_worker(out_dir: Path) -> None:
     os._exit(0)
 
 
+def torch_eval_worker(out_dir: Path) -> None:
+    """AutoDecayLR fed evaluations every 50 updates whose local values peak at different evaluations on the
+    two ranks, while the training loss keeps falling (only the evaluations can end the stable phase)."""
+    import torch
+    import torch.distributed as dist
+
+    from timm_autodecay import AutoDecayLR
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    parameter = torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.SGD([parameter], lr=0.1)
+    sched = AutoDecayLR(optimizer, total_updates=2000, eval_mode="max")
+    peak = 4 if rank == 0 else 12  # alone, each rank would end the phase at its own evaluation
+    lines = []
+    for update in range(1, 2001):
+        optimizer.step()
+        sched.step(torch.tensor(5.0 - update * 1e-3))
+        if update % 50 == 0:
+            evaluation = update // 50
+            sched.step_eval(torch.tensor(float(min(evaluation, peak) - 0.5 * max(0, evaluation - peak))))
+        lines.append(f"{update} {optimizer.param_groups[0]['lr']:.6g} {sched.stage}")
+        if sched.finished:
+            break
+    (out_dir / f"lrs_rank{rank}.txt").write_text("\n".join(lines) + "\n")
+    dist.barrier()
+    os._exit(0)  # as torch_worker
+
+
 def timm_worker(out_dir: Path) -> None:
     from timm_train_py import two_rank_worker
 
@@ -52,7 +81,7 @@ def trainer_worker(out_dir: Path) -> None:
     two_process_worker(out_dir)
 
 
-WORKERS = {"torch": torch_worker, "timm": timm_worker, "trainer": trainer_worker}
+WORKERS = {"torch": torch_worker, "torch_eval": torch_eval_worker, "timm": timm_worker, "trainer": trainer_worker}
 
 if __name__ == "__main__":
     WORKERS[sys.argv[1]](Path(sys.argv[2]))
