@@ -1,8 +1,9 @@
 """The ``timm-autodecay`` command line.
 
-``timm-autodecay replay FILE [--column NAME] [detector settings]`` prints, as one JSON object, where
-the detector would have decayed, started its cooldown and finished on a logged run; warnings (a
-resumed run's repeated epochs, a budget that looks like epochs) go to stderr. The settings flags are generated from
+``timm-autodecay replay FILE [--column NAME] [--eval-column NAME] [detector settings]`` prints, as one
+JSON object, where the detector would have decayed, started its cooldown and finished on a logged run
+(with ``--eval-column``, on its evaluations too); warnings (a resumed run's repeated epochs, a budget
+that looks like epochs) go to stderr. The settings flags are generated from
 ``StageDetector.SETTINGS`` so that they never drift from the detector.
 """
 from __future__ import annotations
@@ -38,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
     replay.add_argument("file", metavar="FILE")
     replay.add_argument("--column", metavar="NAME",
                         help="CSV column holding the loss (default: train_loss, else loss)")
+    replay.add_argument("--eval-column", metavar="NAME",
+                        help="replay the evaluations too: a CSV column (timm: eval_top1, eval_loss) or a Trainer "
+                             "metric (eval_loss, eval_accuracy); its direction from the name unless --eval-mode")
 
     settings = replay.add_argument_group("detector settings (default: the detector's own)")
     for name, (kind, default, text) in StageDetector.SETTINGS.items():
@@ -57,11 +61,11 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = vars(parser.parse_args(argv))
     del args["command"]  # "replay", the only one
-    path, column = args.pop("file"), args.pop("column")
+    path, column, eval_column = args.pop("file"), args.pop("column"), args.pop("eval_column")
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
-            result = replay_file(path, column=column, **args)
+            result = replay_file(path, column=column, eval_column=eval_column, **args)
         except ValueError as error:  # a bad file (ReplayError) or settings the detector rejects
             result = error
     for warning in caught:  # a command line user reads warnings as lines of their own

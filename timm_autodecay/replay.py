@@ -12,6 +12,12 @@ by their content:
 
 Every value travels with its ``count`` (how many updates it averages), so the detector's update
 clock, and with it the budget, stays right however coarsely the run was logged.
+
+With ``eval_column`` the run's evaluations are replayed too (the evaluation signal): a CSV column on
+the same rows (timm's ``eval_top1`` or ``eval_loss``; a row without a value had no evaluation), or a
+Trainer metric (``eval_loss``, ``eval_accuracy``) whose entries are judged after the last loss logged
+at or before their step. The metric's direction is ``eval_mode``, by default from its name ("loss":
+lower is better, anything else higher), as timm derives its plateau mode.
 """
 from __future__ import annotations
 
@@ -45,9 +51,10 @@ class LossSeries:
     kind: str  # "json-list", "csv", "timm-summary" or "trainer-state"
     total_updates: Optional[int] = None  # the run's budget, when the file records it (max_steps)
     logging_steps: Optional[int] = None  # Trainer's logging interval, when the file records it
+    evals: Optional[dict] = None  # index of the loss after which an evaluation came -> its value
 
 
-def load_series(path, column=None, updates_per_epoch=None) -> LossSeries:
+def load_series(path, column=None, updates_per_epoch=None, eval_column=None) -> LossSeries:
     """Read a loss series from ``path``, recognising its format; raises ReplayError on a bad file."""
     path = Path(path)
     try:
@@ -62,6 +69,8 @@ def load_series(path, column=None, updates_per_epoch=None) -> LossSeries:
     if path.suffix.lower() == ".json" or text.lstrip()[:1] in ("[", "{"):
         if column is not None:
             raise ReplayError(f"{path}: --column applies to CSV files only")
+        if eval_column is not None and text.lstrip()[:1] == "[":
+            raise ReplayError(f"{path}: --eval-column applies to CSV files and trainer_state.json only")
         try:
             data = json.loads(text)
         except json.JSONDecodeError as error:
@@ -70,12 +79,12 @@ def load_series(path, column=None, updates_per_epoch=None) -> LossSeries:
             series = LossSeries([_json_number(path, v, f"item {i}") for i, v in enumerate(data)],
                                 [1] * len(data), "json-list")
         elif isinstance(data, dict) and "log_history" in data:
-            series = _trainer_state(path, data)
+            series = _trainer_state(path, data, eval_column)
         else:
             raise ReplayError(f"{path}: expected a JSON list of losses or a Transformers "
                               f"trainer_state.json (an object with 'log_history')")
     else:
-        series = _csv(path, text, column, updates_per_epoch)
+        series = _csv(path, text, column, updates_per_epoch, eval_column)
 
     if not series.values:
         raise ReplayError(f"{path}: no losses in the file")
@@ -89,7 +98,7 @@ def _json_number(path, value, where):
     return float(value)
 
 
-def _trainer_state(path, state) -> LossSeries:
+def _trainer_state(path, state, eval_column=None) -> LossSeries:
     """Transformers logs the mean loss since its previous loss log, so a value counts the step gap.
 
     Eval entries (``eval_loss``) and the closing summary (``train_loss``) carry no ``loss`` key.
@@ -97,8 +106,10 @@ def _trainer_state(path, state) -> LossSeries:
     history = state["log_history"]
     if not isinstance(history, list):
         raise ReplayError(f"{path}: 'log_history' is not a list")
-    values, counts, previous_step = [], [], 0
+    values, counts, previous_step, evals = [], [], 0, {}
     for n, entry in enumerate(history):
+        if isinstance(entry, dict) and eval_column is not None and eval_column in entry and values:
+            evals[len(values) - 1] = _json_number(path, entry[eval_column], f"log_history[{n}][{eval_column!r}]")
         if not isinstance(entry, dict) or "loss" not in entry:
             continue
         value = _json_number(path, entry["loss"], f"log_history[{n}]['loss']")
@@ -110,16 +121,18 @@ def _trainer_state(path, state) -> LossSeries:
         values.append(value)
         counts.append(step - previous_step)
         previous_step = step
+    if eval_column is not None and not evals:
+        raise ReplayError(f"{path}: no log_history entry holds {eval_column!r} after a loss")
     return LossSeries(values, counts, "trainer-state",
                       total_updates=_positive_int(state.get("max_steps")),
-                      logging_steps=_positive_int(state.get("logging_steps")))
+                      logging_steps=_positive_int(state.get("logging_steps")), evals=evals)
 
 
 def _positive_int(value):
     return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
 
-def _csv(path, text, column, updates_per_epoch) -> LossSeries:
+def _csv(path, text, column, updates_per_epoch, eval_column=None) -> LossSeries:
     """One value per row; a timm summary.csv row stands for a whole epoch of updates.
 
     Empty cells are skipped (loggers leave a column blank on rows that log something else), and so
@@ -139,6 +152,8 @@ def _csv(path, text, column, updates_per_epoch) -> LossSeries:
                               f"one of: {', '.join(header)}")
     elif column not in header:
         raise ReplayError(f"{path}: no column {column!r}; columns: {', '.join(header)}")
+    if eval_column is not None and eval_column not in header:
+        raise ReplayError(f"{path}: no evaluation column {eval_column!r}; columns: {', '.join(header)}")
 
     if is_timm_summary:
         if updates_per_epoch is None:
@@ -148,23 +163,36 @@ def _csv(path, text, column, updates_per_epoch) -> LossSeries:
     else:
         count = 1
 
-    at = header.index(column)
     epoch_at = header.index("epoch") if is_timm_summary else None
-    values, epochs = [], []
+    rows_read, epochs = [], []  # (loss, evaluation or None) of each row with a loss
     for line, row in enumerate(rows[1:], start=2):
-        cell = row[at].strip() if at < len(row) else ""
-        if not cell or [name.strip() for name in row] == header:
+        if [name.strip() for name in row] == header or not _cell(row, header, column):
             continue
-        try:
-            values.append(float(cell))
-        except ValueError:
-            raise ReplayError(f"{path}: row {line}, column {column!r}: {cell!r} is not a number") from None
+        rows_read.append(tuple(_number(path, line, row, header, name) for name in (column, eval_column)))
         if epoch_at is not None:
             epochs.append(_epoch(path, line, row[epoch_at]))
     if epoch_at is not None:
-        values = _last_row_of_each_epoch(path, values, epochs)
+        rows_read = _last_row_of_each_epoch(path, rows_read, epochs)
     kind = "timm-summary" if is_timm_summary else "csv"
-    return LossSeries(values, [count] * len(values), kind)
+    evals = {i: evaluation for i, (_, evaluation) in enumerate(rows_read) if evaluation is not None}
+    return LossSeries([loss for loss, _ in rows_read], [count] * len(rows_read), kind,
+                      evals=evals if eval_column is not None else None)
+
+
+def _cell(row, header, name):
+    at = header.index(name)
+    return row[at].strip() if at < len(row) else ""
+
+
+def _number(path, line, row, header, name):
+    """The number in column ``name`` of a row (None for no column or an empty cell)."""
+    cell = _cell(row, header, name) if name is not None else ""
+    if not cell:
+        return None
+    try:
+        return float(cell)
+    except ValueError:
+        raise ReplayError(f"{path}: row {line}, column {name!r}: {cell!r} is not a number") from None
 
 
 def _epoch(path, line, cell):
@@ -202,11 +230,12 @@ def _spans(numbers):
     return ", ".join(spans)
 
 
-def replay(series: Sequence[float], counts: Optional[Sequence[int]], detector) -> list:
+def replay(series: Sequence[float], counts: Optional[Sequence[int]], detector, evals: Optional[dict] = None) -> list:
     """Feed ``series`` to ``detector`` and return its decays and finish, in order.
 
-    ``index`` is the position in ``series`` of the value whose observation triggered the decision;
-    feeding stops after "finish", as training would. ``counts=None`` means one update per value.
+    ``index`` is the position in ``series`` of the value whose observation (or the evaluation after it,
+    ``evals[index]``) triggered the decision; feeding stops after "finish", as training would.
+    ``counts=None`` means one update per value.
     """
     if counts is None:
         counts = [1] * len(series)
@@ -214,16 +243,19 @@ def replay(series: Sequence[float], counts: Optional[Sequence[int]], detector) -
         raise ValueError(f"{len(series)} losses but {len(counts)} counts")
     decisions = []
     for index, (value, count) in enumerate(zip(series, counts)):
-        decision = detector.observe(value, count=count)
-        if decision.action != "continue":
-            decisions.append({"index": index, "update": decision.update, "action": decision.action,
-                              "stage": decision.stage})
-            if decision.action == "finish":
-                break
+        observed = [detector.observe(value, count=count)]
+        if evals and index in evals and observed[0].action != "finish":
+            observed.append(detector.observe_eval(evals[index]))
+        for decision in observed:
+            if decision.action != "continue":
+                decisions.append({"index": index, "update": decision.update, "action": decision.action,
+                                  "stage": decision.stage})
+        if decisions and decisions[-1]["action"] == "finish":
+            break
     return decisions
 
 
-def replay_file(path, column=None, **settings) -> dict:
+def replay_file(path, column=None, eval_column=None, **settings) -> dict:
     """Replay the losses in ``path`` with a detector built from ``settings``.
 
     Returns what the CLI prints: ``{"decisions": [...], "settings": {...}}``, and with the cooldown
@@ -232,17 +264,22 @@ def replay_file(path, column=None, **settings) -> dict:
     detector's ValueError before the file is read; a budget that looks like epochs rather than
     updates raises ReplayError or warns (ReplayWarning).
     """
+    if eval_column is not None:
+        settings.setdefault("eval_mode", "min" if "loss" in eval_column else "max")
     StageDetector(**settings)  # a bad setting is named before the file is read
-    series = load_series(path, column=column, updates_per_epoch=settings.get("updates_per_epoch"))
+    series = load_series(path, column=column, updates_per_epoch=settings.get("updates_per_epoch"),
+                         eval_column=eval_column)
     if settings.get("total_updates") is None and series.total_updates is not None:
         settings["total_updates"] = series.total_updates
     detector = StageDetector(**settings)
     _check_budget(path, series, detector.total_updates)
     try:
-        decisions = replay(series.values, series.counts, detector)
+        decisions = replay(series.values, series.counts, detector, series.evals)
     except FloatingPointError as error:  # a whole window of non-finite losses: the run diverged
         raise ReplayError(f"{path}: {error}") from None
     result = {"decisions": decisions, "settings": detector.settings()}
+    if series.evals is not None:
+        result["best_eval"] = detector.best_eval
     if detector.cooldown_start is not None:
         end = detector.cooldown_start + detector.cooldown_updates
         result["cooldown"] = {"start_update": detector.cooldown_start, "end_update": end,
