@@ -28,6 +28,16 @@ How it works
   from the next step); ``autodecay/ignored`` on a log left out. They reach ``trainer.state.log_history``
   (and ``trainer_state.json``) and the callbacks after this one (the progress bar / printer); reporting
   integrations (TensorBoard, W&B) run before user callbacks, they see the decays through ``learning_rate``.
+* **Evaluations.** The metric the Trainer keeps the best model by also ends the stable phase once it has
+  stopped improving (``timm_autodecay.evaluations``): ``metric_for_best_model`` (``eval_`` prefixed as the
+  Trainer does), its direction ``greater_is_better``. It is on by default when ``eval_strategy`` and
+  ``metric_for_best_model`` are both set (``load_best_model_at_end`` sets the metric to ``loss``);
+  ``eval_signal=True`` asks for it elsewhere (``eval_loss`` when no metric is named), ``False`` turns it
+  off (``hf_integration.eval_signal``). A loss log is asked for at every evaluation step, so the detector
+  judges each evaluation at its own step; the value is averaged over processes (they agree already: the
+  Trainer gathers its evaluation), so every rank decides alike. A decision is applied as a loss decision is
+  and is added to the evaluation's log entry. Without ``load_best_model_at_end`` the final model may be past
+  the best evaluation (a warning at train start says so).
 * **Resume.** The detector's state is saved with every checkpoint in its ``trainer_state.json``
   (``stateful_callbacks``), so each checkpoint resumes on its own whatever was resumed before. On
   ``trainer.train(resume_from_checkpoint=...)`` the callback restores it itself in ``on_train_begin``,
@@ -35,8 +45,10 @@ How it works
   callback object by a copy built from the checkpoint: look it up with :func:`find_autodecay_callback`).
   The entry is checked whole first (``hf_integration.saved_entry``; entries of release 0.1.0 are migrated).
   The checkpoint's settings win over the current ones (with a warning), so a resumed run continues exactly
-  as the uninterrupted one. The Trainer forgets the losses since its last log when it resumes, so the
-  callback asks for a loss log at every checkpoint step.
+  as the uninterrupted one; whether evaluations are used is this run's choice (``eval_signal`` with
+  ``eval_strategy`` and ``metric_for_best_model``), their direction the checkpoint's once it has recorded
+  one. The Trainer forgets the losses since its last log when it resumes, so the callback asks for a loss
+  log at every checkpoint step.
 """
 from __future__ import annotations
 
@@ -51,6 +63,10 @@ from transformers.utils import logging
 from timm_autodecay.detector import SETTINGS, Decision, StageDetector, check_float
 from timm_autodecay.torch_scheduler import check_decay_rate
 
+from .eval_signal import (
+    EvalSignal, check_eval_signal, evaluation_settings, mean_over_ranks, read_metric, resolve_eval_signal,
+    unused_eval_settings,
+)
 from .lambda_lr import adopt_new_groups, initial_lrs, set_base_lrs
 from .loss_logs import DivergenceWatch, read_loss_log
 from .saved_entry import SavedEntry, read_saved_entry
@@ -78,14 +94,20 @@ class AutoDecayCallback(TrainerCallback, ExportableState):
     Args:
         decay_rate: factor applied to the learning rate at each stage end (before the last), in (0, 1).
         min_lr: the floor a cooldown anneals to (``decay_shape="cooldown"`` only), the same for every group.
+        eval_signal: whether evaluation results also end the stable phase. None (default): when
+            ``eval_strategy`` and ``metric_for_best_model`` are set; True: also without
+            ``metric_for_best_model`` (then ``eval_loss``; an error if ``eval_strategy="no"``); False: never.
+            Their direction is ``greater_is_better``; ``eval_patience`` (3) evaluations without a new best end it.
         **settings: detector settings (``timm_autodecay.detector.SETTINGS``, e.g. ``decay_shape``,
             ``num_stages``, ``window``); ``total_updates`` defaults to the Trainer's ``max_steps`` and
             ``warmup_updates`` to its warmup steps. Pass nothing to use the defaults.
     """
 
-    def __init__(self, decay_rate: float = 0.1, min_lr: float = 0.0, **settings: Any):
+    def __init__(self, decay_rate: float = 0.1, min_lr: float = 0.0, eval_signal: Optional[bool] = None,
+                 **settings: Any):
         self.decay_rate = check_decay_rate(decay_rate)
         self.min_lr = check_float("min_lr", min_lr, 0.0)
+        self.eval_signal = check_eval_signal(eval_signal)
         unknown = sorted(set(settings) - set(SETTINGS))
         if unknown:
             raise ValueError(f"unknown AutoDecay setting(s) {unknown}; known: {sorted(SETTINGS)}")
@@ -99,13 +121,16 @@ class AutoDecayCallback(TrainerCallback, ExportableState):
         self._pending_state: Optional[Dict[str, Any]] = None
         self._scheduler = None
         self._divergence = DivergenceWatch()
+        self._eval: Optional[EvalSignal] = None  # the signal in use, resolved at train start
+        self._training = False
+        self._missing_metric_said = False
 
     # -- ExportableState ----------------------------------------------------------------------
     def state(self) -> dict:
-        return {
-            "args": {"decay_rate": self.decay_rate, "min_lr": self.min_lr, **self.settings},
-            "attributes": {"detector_state": self.detector_state},
-        }
+        args = {"decay_rate": self.decay_rate, "min_lr": self.min_lr, **self.settings}
+        if self.eval_signal is not None:
+            args["eval_signal"] = self.eval_signal
+        return {"args": args, "attributes": {"detector_state": self.detector_state}}
 
     @property
     def detector_state(self) -> Optional[Dict[str, Any]]:
@@ -133,6 +158,17 @@ class AutoDecayCallback(TrainerCallback, ExportableState):
     def history(self) -> List[Dict[str, Any]]:
         return self.detector.history if self.detector is not None else []
 
+    @property
+    def eval_metric(self) -> Optional[str]:
+        """The evaluation metric that also ends stages (e.g. ``eval_accuracy``); None when that signal is off.
+        Set at train start."""
+        return self._eval.metric if self._eval is not None else None
+
+    @property
+    def best_eval(self) -> Optional[Dict[str, float]]:
+        """``{"value", "update"}``: the run's best evaluation of ``eval_metric`` and its step (None before one)."""
+        return self.detector.best_eval if self.detector is not None else None
+
     # -- training begins: build or restore the detector, check the setup ------------------------
     def on_train_begin(self, args, state, control, optimizer=None, lr_scheduler=None, **kwargs):
         key = type(self).__name__  # how the Trainer files ExportableState callbacks
@@ -142,10 +178,14 @@ class AutoDecayCallback(TrainerCallback, ExportableState):
         self._scheduler = lr_scheduler
         self.last_decision = None
         self._divergence = DivergenceWatch()
+        self._missing_metric_said = False
 
         settings = {"total_updates": state.max_steps, "warmup_updates": args.get_warmup_steps(state.max_steps),
                     **self.settings}
-        saved = self._saved_entry(state)
+        self._eval = resolve_eval_signal(self.eval_signal, args, self.settings)
+        if self._eval is not None:
+            settings["eval_mode"] = self._eval.mode
+        saved = self._saved_entry(state, evaluation_settings(settings))
         if saved is not None:
             self._restore(saved, settings)
         elif state.global_step > 0:
@@ -167,6 +207,9 @@ class AutoDecayCallback(TrainerCallback, ExportableState):
 
         self._apply_lr(state.global_step)
         check_logging(args, state, self.detector)
+        self._training = True
+        if state.is_local_process_zero:
+            self._explain_eval_signal(args)
         if self.detector.finished:
             warnings.warn(
                 f"AutoDecayCallback: the last stage already ended at step {self.detector.update}; "
@@ -175,16 +218,35 @@ class AutoDecayCallback(TrainerCallback, ExportableState):
                 stacklevel=2,
             )
 
-    def _saved_entry(self, state) -> Optional[SavedEntry]:
+    def _explain_eval_signal(self, args) -> None:
+        """At train start: where the final model may be past the best evaluation, or eval settings go unused."""
+        if self._eval is not None and not args.load_best_model_at_end:
+            warnings.warn(
+                f"AutoDecayCallback: {self._eval.metric} ends the stable phase once it stops improving, and the "
+                "learning rate falls after it: the final model may be past the best evaluation (the metric can "
+                "fall while the training loss does). Set load_best_model_at_end=True in TrainingArguments (with "
+                "save_strategy matching eval_strategy) to end with the best checkpoint's model; "
+                "callback.best_eval says where the best evaluation was",
+                UserWarning,
+                stacklevel=3,
+            )
+        unused = unused_eval_settings(self.settings)
+        if self._eval is None and unused:
+            why = ("eval_signal=False" if self.eval_signal is False
+                   else "it is on with eval_strategy and metric_for_best_model set, or with eval_signal=True")
+            warnings.warn(f"AutoDecayCallback: {unused} given, but the evaluation signal is off ({why})",
+                          UserWarning, stacklevel=3)
+
+    def _saved_entry(self, state, eval_settings: Dict[str, Any]) -> Optional[SavedEntry]:
         """The state to continue from, checked whole: the checkpoint's trainer_state.json entry when
         resuming, else one the Trainer's callback restore (or ``from_state``) set on this object."""
         stored = state.stateful_callbacks.get(type(self).__name__) if state.global_step > 0 else None
         if stored is None and self._pending_state is not None:
-            stored = {"args": {"decay_rate": self.decay_rate, "min_lr": self.min_lr},
+            stored = {"args": {"decay_rate": self.decay_rate, "min_lr": self.min_lr, "eval_signal": self.eval_signal},
                       "attributes": {"detector_state": self._pending_state}}
         if stored is None:
             return None
-        return read_saved_entry(stored, state.global_step)
+        return read_saved_entry(stored, state.global_step, eval_settings)
 
     def _restore(self, saved: SavedEntry, settings: Dict[str, Any]) -> None:
         kept = saved.detector.settings()
@@ -237,6 +299,8 @@ class AutoDecayCallback(TrainerCallback, ExportableState):
             return control
         if control.should_save or state.global_step == self._next_boundary():
             control.should_log = True
+        if control.should_evaluate and self._eval is not None:  # the detector's clock at the evaluation's step
+            control.should_log = True
         return control
 
     def _next_boundary(self) -> Optional[int]:
@@ -275,6 +339,33 @@ class AutoDecayCallback(TrainerCallback, ExportableState):
         self._act(args, control, decision, extra["autodecay/stage"])
         return control
 
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        """The Trainer evaluated (after its loss log at this step, before its checkpoint): the metric joins
+        the detector's input. Every rank runs the same branches (their detectors hold the same state) and
+        evaluates together, so the collective in ``mean_over_ranks`` meets on every rank."""
+        if self.detector is None or self._eval is None or not self._training:
+            return control  # an evaluation outside training (trainer.evaluate()), or the signal is off
+        value = mean_over_ranks(read_metric(self._eval, metrics), args)
+        if value is None:
+            if not self._missing_metric_said and state.is_local_process_zero:
+                logger.warning(f"AutoDecay: the evaluation at step {state.global_step} has no {self._eval.metric} "
+                               f"(its metrics: {sorted(metrics or {})}); evaluations without it are not used")
+            self._missing_metric_said = True
+            return control
+        stage = self.detector.stage
+        decision = self.last_decision = self.detector.observe_eval(value)
+        if decision.changed:
+            extra = {"autodecay/decision": decision.action, "autodecay/reason": decision.reason}
+            last = state.log_history[-1] if state.log_history else {}
+            if last.get("step") == state.global_step and self._eval.metric in last:  # the evaluation's entry
+                last.update(extra)
+            self._act(args, control, decision, stage)
+        return control
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._training = False  # trainer.evaluate() after training leaves the detector alone
+        return control
+
     def _act(self, args, control, decision: Decision, stage: int) -> None:
         if decision.action in ("decay", "cooldown"):
             old = self._scheduler.get_last_lr()[0]
@@ -283,7 +374,9 @@ class AutoDecayCallback(TrainerCallback, ExportableState):
                     else f"cooling down to {self.min_lr:g} over {self.detector.cooldown_updates} steps")
             logger.info(f"AutoDecay: stage {stage} ended at step {decision.update} ({decision.reason}); {what}")
         elif decision.action == "finish":
-            logger.info(f"AutoDecay: the run ended at step {decision.update} ({decision.reason}); stopping")
+            best = self.best_eval if self._eval is not None else None
+            said = f"; the best {self._eval.metric} was {best['value']:.6g} at step {best['update']}" if best else ""
+            logger.info(f"AutoDecay: the run ended at step {decision.update} ({decision.reason}); stopping{said}")
             control.should_training_stop = True
             if setting_name(args.save_strategy) != "no":
                 control.should_save = True

@@ -1,19 +1,25 @@
 """The callback's entry in a checkpoint's ``trainer_state.json``, read back whole before any of it is used.
 
 The Trainer files it under ``stateful_callbacks.AutoDecayCallback`` as ``{"args": {"decay_rate": ...,
-"min_lr": ..., <settings passed>}, "attributes": {"detector_state": {...}}}``. The detector's state carries
-its format version (release 0.1.0 wrote none; such states are migrated) and its resolved settings, which
-are the ones a resumed run continues with. Everything is checked before anything is applied; a damaged
-entry raises a ``ValueError`` naming the file, the key and what the user can do.
+"min_lr": ..., ["eval_signal": ...,] <settings passed>}, "attributes": {"detector_state": {...}}}``
+(``eval_signal`` only when passed, so entries of release 0.2.0 read as its default; it is checked here, but
+this run's applies). The detector's state carries its format version (release 0.1.0 wrote none; such states
+are migrated) and its resolved settings, which are the ones a resumed run continues with, but for the
+evaluation settings of a state that has recorded no evaluation (every state written before evaluations
+were added): those had no effect yet, and this run's are taken (``eval_mode`` follows the Trainer's
+``greater_is_better``). Everything is checked before anything is applied; a damaged entry raises a
+``ValueError`` naming the file, the key and what the user can do.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Dict, Mapping, Optional
 
 from timm_autodecay.detector import StageDetector, StateError, check_float, check_state_fields
 from timm_autodecay.state import migrate
 from timm_autodecay.torch_scheduler import check_decay_rate
+
+from .eval_signal import check_eval_signal
 
 ENTRY_KEY = "stateful_callbacks.AutoDecayCallback"
 
@@ -25,11 +31,12 @@ class SavedEntry:
     detector: StageDetector  # restored and validated
 
 
-def read_saved_entry(entry: Any, step: int) -> Optional[SavedEntry]:
-    """The entry restored (None when it holds no detector state: a checkpoint from before training began).
+def read_saved_entry(entry: Any, step: int, eval_settings: Mapping[str, Any]) -> Optional[SavedEntry]:
+    """The entry restored (None when it holds no detector state: a checkpoint from before training began);
+    ``eval_settings``: this run's evaluation settings, taken where the state has recorded no evaluation.
     Raises ValueError naming ``checkpoint-<step>/trainer_state.json`` and the bad key."""
     try:
-        return _read(entry, step)
+        return _read(entry, step, eval_settings)
     except (StateError, ValueError) as error:
         raise StateError(
             f"AutoDecayCallback cannot resume from checkpoint-{step}/trainer_state.json: {error}. That entry "
@@ -39,13 +46,14 @@ def read_saved_entry(entry: Any, step: int) -> Optional[SavedEntry]:
         ) from error
 
 
-def _read(entry: Any, step: int) -> Optional[SavedEntry]:
+def _read(entry: Any, step: int, eval_settings: Mapping[str, Any]) -> Optional[SavedEntry]:
     check_state_fields(entry, {"args": dict, "attributes": dict}, ENTRY_KEY)
     args, attributes = entry["args"], entry["attributes"]
     check_state_fields(args, {"decay_rate": (int, float)}, f"{ENTRY_KEY}.args")
     check_state_fields(attributes, {"detector_state": (dict, type(None))}, f"{ENTRY_KEY}.attributes")
     decay_rate = _named(f"{ENTRY_KEY}.args.decay_rate", check_decay_rate, args["decay_rate"])
     min_lr = _named(f"{ENTRY_KEY}.args.min_lr", lambda v: check_float("min_lr", v, 0.0), args.get("min_lr", 0.0))
+    _named(f"{ENTRY_KEY}.args.eval_signal", check_eval_signal, args.get("eval_signal"))  # the Trainer's restore uses it
     saved = attributes["detector_state"]
     if saved is None:
         return None
@@ -54,6 +62,8 @@ def _read(entry: Any, step: int) -> Optional[SavedEntry]:
         state = migrate(saved)
     except StateError as error:
         raise StateError(f"{where}: {error}") from error
+    if _no_evaluation_recorded(state):
+        state = {**state, "settings": {**state["settings"], **eval_settings}}
     try:
         detector = StageDetector.from_settings(state["settings"])
     except ValueError as error:
@@ -66,6 +76,14 @@ def _read(entry: Any, step: int) -> Optional[SavedEntry]:
         raise StateError(f"{where}: 'update' is {detector.update}, past the checkpoint's step {step}: the "
                          "entry belongs to a later checkpoint")
     return SavedEntry(decay_rate, min_lr, detector)
+
+
+def _no_evaluation_recorded(state: Dict[str, Any]) -> bool:
+    """True when the (migrated) state has seen no evaluation; False also when its record is malformed (the
+    detector's check then names what is wrong)."""
+    evaluations = state.get("evaluations")
+    return (isinstance(evaluations, dict) and evaluations.get("count") == 0 and evaluations.get("recent") == []
+            and evaluations.get("best_value") is None and evaluations.get("nonfinite") == 0)
 
 
 def _named(key: str, check, value: Any):

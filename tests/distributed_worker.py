@@ -1,6 +1,6 @@
 """The multi-process tests' workers, one per face, all started by the `torchrun` fixture (conftest.py):
 
-    torchrun --standalone --nproc_per_node 2 tests/distributed_worker.py {torch,torch_eval,timm,trainer} OUT_DIR
+    torchrun --standalone --nproc_per_node 2 tests/distributed_worker.py WORKER OUT_DIR   (WORKER: a key of WORKERS)
 
 Each rank trains with losses of its own and writes what it decided into OUT_DIR; the test compares the ranks.
 """
@@ -81,7 +81,14 @@ def trainer_worker(out_dir: Path) -> None:
     two_process_worker(out_dir)
 
 
-WORKERS = {"torch": torch_worker, "torch_eval": torch_eval_worker, "timm": timm_worker, "trainer": trainer_worker}
+def trainer_eval_worker(out_dir: Path) -> None:
+    from hf_trainer_tasks import two_process_eval_worker
+
+    two_process_eval_worker(out_dir)
+
+
+WORKERS = {"torch": torch_worker, "torch_eval": torch_eval_worker, "timm": timm_worker, "trainer": trainer_worker,
+           "trainer_eval": trainer_eval_worker}
 
 if __name__ == "__main__":
     WORKERS[sys.argv[1]](Path(sys.argv[2]))

@@ -65,7 +65,7 @@ class RankLossMLP(MLP):
 
 
 def user_trainer(output_dir, callbacks, eval_dataset=None, model_class=MLP, optimizer=None, scheduler=None,
-                 **overrides):
+                 train_dataset=None, compute_metrics=None, **overrides):
     """A Trainer as a user writes it: nothing AutoDecay-specific but the callback. ``optimizer``: a function
     of the model's parameters building the optimizer the Trainer is given (else it builds ``optim``);
     ``scheduler``: a function of that optimizer building the scheduler it is given."""
@@ -81,8 +81,9 @@ def user_trainer(output_dir, callbacks, eval_dataset=None, model_class=MLP, opti
     model = model_class()
     built = None if optimizer is None else optimizer(model.parameters())
     optimizers = (built, None if scheduler is None else scheduler(built))
-    return Trainer(model=model, args=TrainingArguments(**settings), train_dataset=NoisyClassification(),
-                   eval_dataset=eval_dataset, callbacks=callbacks, optimizers=optimizers)
+    return Trainer(model=model, args=TrainingArguments(**settings), callbacks=callbacks, optimizers=optimizers,
+                   train_dataset=train_dataset or NoisyClassification(), eval_dataset=eval_dataset,
+                   compute_metrics=compute_metrics)
 
 
 def loss_logs(trainer):
@@ -98,17 +99,24 @@ class EventRun:
     sum over the updates so far plus one; ``grad_norm`` is that of the last update (NaN after a non-finite
     loss unless given). ``used[step]``: the LRs step ``step`` ran with; ``logs[step]``: the logged dict;
     ``saved[step]``: the callback's trainer_state.json entry at each checkpoint, as JSON.
+
+    Evaluations: with ``eval_steps``, every ``eval_steps`` steps (and at the end) ``metrics(step)`` gives the
+    evaluation's metrics (``{"eval_loss": ...}``), logged and passed to ``on_evaluate`` between the step's loss
+    log and its checkpoint, as the Trainer does; ``evals[step]``: the logged entry. ``arguments``: more
+    TrainingArguments (``metric_for_best_model``, ``greater_is_better``, ``load_best_model_at_end``).
     """
 
     def __init__(self, callback, max_steps, logging_steps=10, lr=1.0, schedule="constant_with_warmup",
                  warmup_steps=0, save_steps=0, logging_strategy="steps", steps_per_epoch=None, group_lrs=None,
-                 resume=None, nan_filter=True, min_lr_rate=None):
+                 resume=None, nan_filter=True, min_lr_rate=None, eval_steps=0, metrics=None, **arguments):
         from transformers import DefaultFlowCallback, TrainerControl, TrainerState, TrainingArguments, get_scheduler
 
         self.args = TrainingArguments(
             output_dir="unused", max_steps=max_steps, logging_steps=logging_steps, logging_strategy=logging_strategy,
             save_strategy="steps" if save_steps else "no", save_steps=save_steps or 500, lr_scheduler_type=schedule,
-            warmup_steps=warmup_steps, learning_rate=lr, report_to=[], use_cpu=True, logging_nan_inf_filter=nan_filter)
+            warmup_steps=warmup_steps, learning_rate=lr, report_to=[], use_cpu=True, logging_nan_inf_filter=nan_filter,
+            eval_strategy="steps" if eval_steps else "no", eval_steps=eval_steps or None, **arguments)
+        self.metrics = metrics
         group_lrs = group_lrs or [lr]
         self.params = [nn.Parameter(torch.zeros(1)) for _ in group_lrs]
         self.optimizer = torch.optim.SGD([{"params": [p], "lr": g} for p, g in zip(self.params, group_lrs)], lr=lr)
@@ -119,6 +127,7 @@ class EventRun:
         self.state = TrainerState(stateful_callbacks=[callback])
         self.state.max_steps, self.state.logging_steps = max_steps, logging_steps
         self.state.save_steps, self.state.num_train_epochs = save_steps or 500, 1
+        self.state.eval_steps = eval_steps or 500
         self.steps_per_epoch = steps_per_epoch or max_steps
         if steps_per_epoch:
             self.state.num_train_epochs = math.ceil(max_steps / steps_per_epoch)
@@ -130,7 +139,7 @@ class EventRun:
             self.scheduler.last_epoch = step  # as scheduler.pt restores it (the callback then sets the LRs)
         self.nan_filter = nan_filter
         self.control = TrainerControl()
-        self.used, self.logs, self.saved = {}, {}, {}
+        self.used, self.logs, self.saved, self.evals = {}, {}, {}, {}
         self.stopped = False
         self._loss_sum, self._last_logged, self._grad_norm = 0.0, self.state.global_step, None
         self._event("on_train_begin")
@@ -185,6 +194,13 @@ class EventRun:
             self._event("on_log", logs=logs)
             self.logs[step] = logs
         self.control.should_log = False
+        if self.control.should_evaluate:
+            self.control.should_evaluate = False
+            metrics = dict(self.metrics(step))
+            self.evals[step] = {**metrics, "step": step}
+            self.state.log_history.append(self.evals[step])
+            self._event("on_log", logs=metrics)
+            self._event("on_evaluate", metrics=metrics)
         if self.control.should_save:
             self.saved[step] = json.dumps(self.callback.state(), sort_keys=True)
             self.control.should_save = False
@@ -213,4 +229,49 @@ def two_process_worker(out_dir):
         "global_step": trainer.state.global_step,
     }
     (out_dir / f"rank{rank}.json").write_text(json.dumps(result))
+    torch.distributed.destroy_process_group()  # else gloo can hang at interpreter exit
+
+
+def overfitting_split():
+    """256 training points of the task (their noisy labels soon learnt by heart) and 1024 held-out ones: the
+    training loss falls all along while the held-out accuracy peaks early (near step 250 at LR 3)."""
+    task = NoisyClassification()
+    return torch.utils.data.Subset(task, range(256)), torch.utils.data.Subset(task, range(1024, 2048))
+
+
+def accuracy(prediction):
+    return {"accuracy": float((prediction.predictions.argmax(-1) == prediction.label_ids).mean())}
+
+
+def eval_trainer(output_dir, callbacks, compute_metrics=accuracy, **overrides):
+    """The user's run with the evaluation signal on: evaluate every 50 steps, keep the best model by accuracy."""
+    train, held_out = overfitting_split()
+    settings = dict(eval_strategy="steps", eval_steps=50, metric_for_best_model="accuracy", save_steps=50,
+                    load_best_model_at_end=True, per_device_eval_batch_size=1024)
+    return user_trainer(output_dir, callbacks, train_dataset=train, eval_dataset=held_out,
+                        compute_metrics=compute_metrics, **{**settings, **overrides})
+
+
+def two_process_eval_worker(out_dir):
+    """One rank of the two-process evaluation test: each rank's compute_metrics adds an offset of its own to
+    the gathered accuracy (rank 1's falls by 0.01 an evaluation), so the ranks see different local metrics."""
+    from hf_integration import AutoDecayCallback, find_autodecay_callback
+
+    local = []
+    rank = int(os.environ["RANK"])
+
+    def rank_local_accuracy(prediction):
+        value = accuracy(prediction)["accuracy"] - 0.01 * rank * len(local)
+        local.append(value)
+        return {"accuracy": value}
+
+    trainer = eval_trainer(out_dir / "run", [AutoDecayCallback()], compute_metrics=rank_local_accuracy,
+                           per_device_train_batch_size=16, ddp_backend="gloo", ddp_find_unused_parameters=False,
+                           save_strategy="no", load_best_model_at_end=False)
+    trainer.train()
+    callback = find_autodecay_callback(trainer)
+    result = {"world_size": trainer.args.world_size, "local": local, "history": callback.history,
+              "best_eval": callback.best_eval, "global_step": trainer.state.global_step,
+              "lrs": {s: e["learning_rate"] for s, e in loss_logs(trainer).items()}}
+    (out_dir / f"rank{trainer.args.process_index}.json").write_text(json.dumps(result))
     torch.distributed.destroy_process_group()  # else gloo can hang at interpreter exit
