@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from timm_autodecay.detector import StageDetector, StateError
+from timm_autodecay.evaluations import first_ending
 
 STATE_0_2_0 = Path(__file__).parent / "data" / "detector_state_0.2.0.json"  # written by release 0.2.0
 UPDATES_PER_EVAL = 50
@@ -34,10 +35,15 @@ def peaked(peak, length=30, rise=1.0, fall=0.5):
 
 @pytest.mark.parametrize("peak", [3, 7, 12, 20])
 @pytest.mark.parametrize("patience", [1, 3, 5])
-def test_a_peaked_metric_ends_the_phase_within_one_evaluation_of_peak_plus_patience(peak, patience):
-    index, d = ending(peaked(peak), eval_patience=patience)
-    assert peak + patience <= index <= peak + patience + 1
+def test_a_peaked_metric_ends_the_phase_within_one_evaluation_of_where_its_peak_says(peak, patience):
+    index, d = ending(peaked(peak, length=60), eval_patience=patience)
+    # the median of three puts the best smoothed value at the peak's evaluation or the one after it
+    assert first_ending(peak + 1, patience) <= index + 1 <= first_ending(peak + 2, patience)
     assert d.in_cooldown and d.history[-1]["reason"] == "evaluation"
+
+
+def test_patience_is_eval_patience_early_and_a_quarter_of_the_stage_later():
+    assert [first_ending(best, 3) - best for best in (1, 6, 9, 12, 20, 40)] == [3, 3, 3, 4, 7, 14]
 
 
 def test_a_falling_metric_ends_the_phase_sooner_than_a_flat_noisy_one():
@@ -86,7 +92,7 @@ def test_one_bad_evaluation_rarely_moves_a_noisy_decision_by_more_than_one_evalu
         if expected is not None and found is not None:
             compared += 1
             moved += abs(found - expected) > 1
-    assert compared > 200 and moved / compared <= 0.05
+    assert compared > 150 and moved / compared <= 0.05
 
 
 def test_evaluations_during_warmup_and_cooldown_are_recorded_never_judged():

@@ -10,6 +10,8 @@ from pathlib import Path
 import pytest
 from hf_trainer_tasks import STEP, EventRun
 
+from timm_autodecay.evaluations import first_ending
+
 DATA = Path(__file__).resolve().parent / "data"
 MAX_STEPS = 3000  # stage budget 2400 (the cooldown's fifth set aside): window 480 steps = 24 logs
 EVAL_STEPS = 70  # not a multiple of the logging interval: the callback asks for a loss log at each evaluation
@@ -54,8 +56,9 @@ def test_a_peak_in_the_evaluations_ends_the_stable_phase_while_the_loss_falls(me
     run.feed(falling_loss())
     first = run.callback.history[0]
     assert first["action"] == "cooldown" and first["reason"] == "evaluation", run.callback.history
-    # within one evaluation of peak + eval_patience, at an evaluation's own step
-    assert first["update"] in (PEAK + PATIENCE * EVAL_STEPS, PEAK + (PATIENCE + 1) * EVAL_STEPS)
+    # where the rule puts it (the best smoothed value at the peak's evaluation or the next), at an evaluation's step
+    due = [first_ending(PEAK // EVAL_STEPS + late, PATIENCE) * EVAL_STEPS for late in (0, 1)]
+    assert due[0] <= first["update"] <= due[1] and first["update"] % EVAL_STEPS == 0
     assert run.evals[first["update"]]["autodecay/decision"] == "cooldown"
     assert run.evals[first["update"]]["autodecay/reason"] == "evaluation"
     assert run.callback.best_eval["update"] == PEAK

@@ -28,7 +28,8 @@ def test_factory_builds_autodecay_and_leaves_other_schedules_alone(tmp_path, mon
     assert scheduler.detector.num_stages == 2 and scheduler.detector.window == 20
     assert scheduler.decay_rate == 0.5 and scheduler.t_in_epochs
     # every detector setting the docs list is a YAML key, generated from the detector's SETTINGS
-    assert {k for k in YAML_KEYS if k not in ("autodecay_end_training", "autodecay_state_file")} == {
+    own = ("autodecay_end_training", "autodecay_state_file", "autodecay_eval_signal")
+    assert {k for k in YAML_KEYS if k not in own} == {
         "autodecay_" + k for k in SETTINGS if k not in ("total_updates", "updates_per_epoch", "warmup_updates")}
 
     # timm's other schedules: same class, same kwargs as timm's own functions give
@@ -85,6 +86,8 @@ def test_train_py_checkpoint_dir_is_found_in_the_calling_frames(tmp_path):
     (dict(autodecay_significance=-1.0), r"significance must be .*got -1.0"),
     (dict(autodecay_num_stages=0), r"num_stages must be >= 1, got 0"),
     (dict(autodecay_end_training="no"), r"end_training must be true or false, got 'no'"),
+    (dict(autodecay_eval_signal="yes"), r"autodecay_eval_signal must be true or false .*got 'yes'"),
+    (dict(autodecay_eval_mode="up"), r"config key autodecay_eval_mode.*eval_mode must be one of \['min', 'max'\]"),
     (dict(autodecay_total_updates=100), r"autodecay_total_updates is not a setting: .*--epochs"),
     (dict(decay_rate=1.5), r"decay_rate must be in \(0, 1\), got 1.5 \(--decay-rate\)"),
     (dict(min_lr=-0.1), r"--min-lr\) must be a finite number >= 0, got -0.1"),

@@ -3,14 +3,17 @@
 ``train_py`` below is timm's train.py main loop as far as the scheduler can tell (the calls and their
 order as in a timm checkout): ``create_scheduler_v2(**scheduler_kwargs(args))``, the resume ``step``,
 ``zero_grad`` at the top of each epoch, ``step_update(num_updates, metric=losses_m.avg)`` after each
-update, then summary row, checkpoint (timm's own CheckpointSaver, in a local named ``saver``),
-``step(epoch + 1)`` and the result entry, inside ``try: ... except KeyboardInterrupt``. The "model" is a
+update, then the evaluation (``--val-split``; none by default here, so train.py passes the training loss),
+summary row, checkpoint (timm's own CheckpointSaver, in a local named ``saver``), ``step(epoch + 1,
+latest_metric)`` and the result entry, inside ``try: ... except KeyboardInterrupt``. The "model" is a
 synthetic loss that relaxes towards a level set by the learning rate; its state is a parameter, so
-checkpoints carry it and a resumed run sees the very losses an unbroken one sees.
+checkpoints carry it and a resumed run sees the very losses an unbroken one sees. Tests that evaluate pass
+``evaluate(epoch, rank) -> {"loss", "top1"}`` (and may pass ``loss_fn(update, rank)`` for the training loss).
 
 Detector settings are explicit and small; expected decisions come from a bare StageDetector fed
 the same per-update losses, so the tests check the plumbing, not the detector's tuning.
-``two_rank_worker`` is the two-rank test's worker (started through ``distributed_worker.py timm OUT_DIR``).
+``two_rank_worker`` is the two-rank tests' worker (started through ``distributed_worker.py timm OUT_DIR``; the
+environment variable ``TIMM_WORKER_CASE=eval`` picks the evaluation case, ``eval_rank_worker``).
 """
 import argparse
 import json
@@ -100,14 +103,38 @@ class Crash(Exception):
     pass
 
 
+# -- evaluations -------------------------------------------------------------------------------
+def peaked_metrics(peak, height=80.0, width=0.5):
+    """``evaluate(epoch, rank)`` for train_py: top-1 a parabola over the epochs with its top at ``peak``, and a
+    validation loss that mirrors it (lowest there)."""
+    def evaluate(epoch, rank=0):
+        top1 = height - width * (epoch - peak) ** 2
+        return {"loss": 3.0 - top1 / 40.0, "top1": top1}
+    return evaluate
+
+
+def falling_loss(update, rank=0):
+    """A training loss that keeps falling, 0.5% of its start per update, through any stage of a 30-epoch run
+    (each window's drop stays a large share of the stage's): the loss rule alone ends no stage."""
+    rng = random.Random(update * 7919 + rank * 104729)
+    return 3.0 - 0.005 * update + 0.01 * (1 + rank) * rng.gauss(0.0, 1.0)
+
+
+def eval_args(**overrides):
+    """train.py evaluating on a validation split (top-1, every epoch) with the cooldown shape."""
+    return make_args(**{"val_split": "validation", **yaml_keys(decay_shape="cooldown"), **overrides})
+
+
 def make_args(**kw):
     base = dict(sched="autodecay", epochs=30, decay_rate=0.1, min_lr=0.0, warmup_lr=1e-5, warmup_epochs=0,
-                warmup_prefix=False, sched_on_updates=False, resume="", val_interval=1, seed=42)
+                warmup_prefix=False, sched_on_updates=False, resume="", val_interval=1, seed=42, val_split="",
+                eval_metric="top1")
     base.update(kw)
     return argparse.Namespace(**base)
 
 
-def train_py(out_dir, args, rank=0, offset=0.0, crash_at=None, lr_scale=None, batch_log=None):
+def train_py(out_dir, args, rank=0, offset=0.0, crash_at=None, lr_scale=None, batch_log=None, evaluate=None,
+             loss_fn=None):
     """timm train.py's main(), as far as the scheduler can tell. Returns what the test inspects."""
     from timm.utils import AverageMeter, CheckpointSaver, update_summary
 
@@ -125,15 +152,19 @@ def train_py(out_dir, args, rank=0, offset=0.0, crash_at=None, lr_scale=None, ba
         model.load_state_dict(checkpoint["state_dict"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         resume_epoch = checkpoint["epoch"] + 1  # timm: version 2 checkpoints
+    if args.val_split and evaluate is None:
+        raise ValueError("train_py: --val-split needs evaluate(epoch, rank)")
+    eval_metric = args.eval_metric if args.val_split else "loss"  # train.py: no loader_eval, the training loss
+    decreasing_metric = eval_metric == "loss"
     saver = None
     output_dir = None
     if rank == 0:
         output_dir = str(out_dir)
         saver = CheckpointSaver(model=model, optimizer=optimizer, checkpoint_dir=output_dir,
-                                recovery_dir=output_dir, decreasing=True, max_history=100)
+                                recovery_dir=output_dir, decreasing=decreasing_metric, max_history=100)
 
     lr_scheduler, num_epochs = timm_scheduler.create_scheduler_v2(
-        optimizer, **timm_scheduler.scheduler_kwargs(args, decreasing_metric=True), updates_per_epoch=UPE)
+        optimizer, **timm_scheduler.scheduler_kwargs(args, decreasing_metric=decreasing_metric), updates_per_epoch=UPE)
     start_epoch = resume_epoch or 0
     if lr_scheduler is not None and start_epoch > 0:
         if args.sched_on_updates:
@@ -149,7 +180,8 @@ def train_py(out_dir, args, rank=0, offset=0.0, crash_at=None, lr_scale=None, ba
             if crash_at == (epoch, batch_idx):
                 raise Crash()
             lrs = [g["lr"] for g in optimizer.param_groups]
-            loss = synthetic_loss(model, lrs[0], num_updates + 1, rank=rank, offset=offset)
+            loss = (loss_fn(num_updates + 1, rank) if loss_fn is not None else
+                    synthetic_loss(model, lrs[0], num_updates + 1, rank=rank, offset=offset))
             optimizer.step()
             losses_m.update(loss, 16)
             num_updates += 1
@@ -167,15 +199,17 @@ def train_py(out_dir, args, rank=0, offset=0.0, crash_at=None, lr_scale=None, ba
             if epoch_p_1 % args.val_interval != 0 and epoch_p_1 != num_epochs:
                 lr_scheduler.step(epoch_p_1, metric=None)
                 continue
+            eval_metrics = evaluate(epoch, rank) if args.val_split else None
             if output_dir is not None:
                 lrs = [g["lr"] for g in optimizer.param_groups]
-                update_summary(epoch, train_metrics, None, filename=os.path.join(output_dir, "summary.csv"),
+                update_summary(epoch, train_metrics, eval_metrics, filename=os.path.join(output_dir, "summary.csv"),
                                lr=sum(lrs) / len(lrs), write_header=best_metric is None)
-            latest_metric = train_metrics["loss"]
+            latest_metric = (eval_metrics if eval_metrics is not None else train_metrics)[eval_metric]
             if saver is not None:
                 best_metric, _ = saver.save_checkpoint(epoch, metric=latest_metric)
             lr_scheduler.step(epoch_p_1, latest_metric)
-            results.append({"epoch": epoch, "train": train_metrics})
+            results.append({"epoch": epoch, "train": train_metrics, **({"validation": eval_metrics}
+                                                                        if eval_metrics is not None else {})})
     except KeyboardInterrupt:
         pass
     return {"scheduler": lr_scheduler, "num_epochs": num_epochs, "results": results, "log": log,
@@ -203,6 +237,8 @@ def two_rank_worker(out_dir):
     from rank 0's checkpoint folder on both ranks. Writes rankN.json."""
     import torch.distributed as dist
 
+    if os.environ.get("TIMM_WORKER_CASE") == "eval":
+        return eval_rank_worker(out_dir)
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     out_dir = Path(out_dir)
@@ -225,3 +261,27 @@ def two_rank_worker(out_dir):
     (out_dir / f"rank{rank}.json").write_text(json.dumps(record))
     dist.destroy_process_group()
 
+
+
+def eval_rank_worker(out_dir):
+    """Each rank evaluates its own top-1 (peaks 8 epochs apart) and trains on its own falling losses, as a loop
+    that passes each rank's local metric would (train.py's validate() averages over ranks itself). Writes
+    rankN.json with what each rank saw and decided."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    evaluate = peaked_metrics(peak=5 if rank == 0 else 13)  # alone: the phase ends after epoch 8, or 16
+    seen = []
+
+    def local(epoch, rank):
+        seen.append(evaluate(epoch, rank))
+        return seen[-1]
+    run = train_py(Path(out_dir) / "run", eval_args(), rank=rank, evaluate=local, loss_fn=falling_loss)
+    scheduler = run["scheduler"]
+    record = {"log": run["log"], "evaluations": [m["top1"] for m in seen], "history": scheduler.history,
+              "finished": scheduler.finished, "best_eval": scheduler.best_eval,
+              "settings": scheduler.detector.settings(), "results": [r["epoch"] for r in run["results"]]}
+    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(record))
+    dist.barrier()
+    dist.destroy_process_group()

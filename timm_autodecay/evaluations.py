@@ -9,9 +9,13 @@ Evaluations are few (5 to 60 in a run), each noisy (a finite evaluation set) and
 peak, then fall as the model memorises). The test, in plain words: each evaluation is smoothed with
 the two before it (the median of three, so one bad evaluation, however far off, is outvoted by its
 neighbours), and the phase ends once ``eval_patience`` evaluations have passed without a new best
-smoothed value, as ``EarlyStoppingCallback`` counts them. A falling metric sets no new best, so it
-ends the phase after exactly ``eval_patience`` evaluations; a flat, noisy one still sets a chance
-best now and then (ever more rarely), so it ends the phase later. Only order comparisons are used:
+smoothed value, as ``EarlyStoppingCallback`` counts them, and no fewer than a quarter of the stage's
+evaluations (``PATIENCE_SHARE``): a run evaluated 100 times must not stop on a pause of 3 evaluations
+in the noise of a metric still rising (simulated: a saturating metric with noise 3% of its rise,
+evaluated 100 times, ended at 33% of the run with a fixed patience of 3, at 95% with the share). A
+falling metric sets no new best, so it ends an early phase after exactly ``eval_patience``
+evaluations; a flat, noisy one still sets a chance best now and then (ever more rarely), so it ends
+the phase later. Only order comparisons are used:
 ``a * metric + b`` (a > 0) takes the same decisions as the metric. A stage's series starts afresh at
 each decay (the step shape); evaluations during warmup or the cooldown are recorded, never judged.
 
@@ -28,6 +32,7 @@ from typing import Any, Dict, List, Optional
 from .state import StateError, check_state_fields
 
 SMOOTHING = 3  # evaluations in the running median
+PATIENCE_SHARE = 0.25  # of the stage's evaluations: the least patience, however many evaluations a run has
 
 EVALUATION_FIELDS = {
     "recent": list,
@@ -38,6 +43,20 @@ EVALUATION_FIELDS = {
     "best_update": (int, type(None)),
     "nonfinite": int,
 }
+
+
+def required_patience(patience: int, count: int) -> float:
+    """Evaluations without a new best that end a stage after its ``count``-th evaluation."""
+    return max(patience, PATIENCE_SHARE * count)
+
+
+def first_ending(best_count: int, patience: int) -> int:
+    """The evaluation (counted from 1 in the stage) that ends the stage when its best smoothed value came at
+    ``best_count`` and no better one follows."""
+    count = best_count + patience
+    while count - best_count < required_patience(patience, count):
+        count += 1
+    return count
 
 
 class EvaluationSeries:
@@ -86,7 +105,7 @@ class EvaluationSeries:
         return {"evaluations": float(self.count), "stale": float(self.count - self.best_at)}
 
     def ended(self, evidence: Dict[str, float]) -> bool:
-        return evidence.get("stale", 0.0) >= self.patience
+        return evidence.get("stale", 0.0) >= required_patience(self.patience, self.count)
 
     # -- state ---------------------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:

@@ -8,7 +8,17 @@ through which timm's ``create_scheduler`` v1 calls them):
   every other schedule goes to timm's own function untouched.
 * ``scheduler_kwargs``: for ``cfg.sched == "autodecay"`` only, it adds the ``autodecay_*`` keys of the
   config (timm's ``train.py`` puts YAML keys on ``args``) and the run facts the scheduler needs
-  (``--resume``, ``--val-interval``); for every other schedule it returns timm's dict unchanged.
+  (``--resume``, ``--val-interval``, the metric ``train.py`` passes to ``step``); for every other schedule it
+  returns timm's dict unchanged.
+
+The evaluation signal (``autodecay_eval_signal``) reads the metric ``train.py`` passes to ``step(epoch + 1,
+metric)``, in the direction timm's plateau scheduler reads it (``plateau_mode``: ``min`` when the metric's name
+holds ``loss``; the config key ``autodecay_eval_mode`` overrides it). Unset, it is on when ``train.py``
+evaluates on a validation split (``--val-split``; without one it passes the training loss) at most
+``EVAL_SIGNAL_MAX_EVALUATIONS`` times in the budget: the rule that judges evaluations (no new best of a
+median of three within ``eval_patience`` evaluations) is meant for runs of a few dozen evaluations; evaluated
+every epoch of a long run, a metric that still rises slowly under noise sets no new best for three
+evaluations long before it has stopped rising.
 
 The installed start-up hook (:mod:`timm_autodecay.timm_hook`) calls :func:`register` when a program
 imports ``timm.scheduler``, so an unmodified ``train.py`` gets the wrapped names. A program that builds
@@ -24,7 +34,7 @@ import inspect
 import logging
 import os
 import sys
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -46,6 +56,7 @@ NO_STATE_DIR = (
     "create_scheduler_v2(..., autodecay_state_dir=FOLDER), or save scheduler.state_dict() with your "
     "checkpoints and restore it with load_state_dict() before the first step")
 _warned_no_state_dir = False
+EVAL_SIGNAL_MAX_EVALUATIONS = 60  # the evaluations a budget may hold for the evaluation signal to be on by default
 
 
 # -- registration --------------------------------------------------------------------------------
@@ -118,6 +129,9 @@ def autodecay_kwargs_from_cfg(cfg: Any) -> Dict[str, Any]:
     _check_keys(given, YAML_KEYS, "config key(s)")
     given[PREFIX + "resume"] = getattr(cfg, "resume", None) or None
     given[PREFIX + "end_interval"] = getattr(cfg, "val_interval", 1) or 1
+    # train.py: eval_metric = args.eval_metric if loader_eval is not None else 'loss' (the training loss)
+    validates = getattr(cfg, "val_split", "validation")
+    given[PREFIX + "eval_metric"] = (getattr(cfg, "eval_metric", None) or "top1") if validates else ""
     return given
 
 
@@ -164,6 +178,25 @@ def _run_shape(original: Any, optimizer: torch.optim.Optimizer, args: Any, kwarg
     return a
 
 
+def _eval_signal(given: Any, metric: Optional[str], evaluations: int) -> Tuple[bool, str]:
+    """Whether the scheduler judges the metric passed to ``step(epoch, metric)``, and why (for the log)."""
+    key = PREFIX + "eval_signal"
+    if given is not None:
+        if not isinstance(given, bool):
+            raise ValueError(f"AutoDecay: {key} must be true or false (or unset: automatic), got {given!r}")
+        passes = {None: "", "": ", train.py's training loss (no --val-split)"}.get(metric, f", train.py's {metric}")
+        return given, f"{key}: {str(given).lower()}{passes}"
+    if metric is None:
+        return False, f"no train.py run facts; {key}=True judges the metric passed to step(epoch, metric)"
+    if not metric:
+        return False, "train.py evaluates nothing (--val-split ''), and passes the training loss to step()"
+    if evaluations > EVAL_SIGNAL_MAX_EVALUATIONS:
+        return False, (f"{evaluations} evaluations in the budget (--epochs / --val-interval), over "
+                       f"{EVAL_SIGNAL_MAX_EVALUATIONS} (evaluated that often, a metric still rising slowly would "
+                       f"end the phase too early); {key}: true turns it on")
+    return True, f"train.py's {metric} on the validation split"
+
+
 def _warn_no_state_dir() -> None:
     global _warned_no_state_dir
     if not _warned_no_state_dir:
@@ -178,8 +211,10 @@ def create_autodecay_scheduler(original: Any, optimizer: torch.optim.Optimizer, 
 
     ``original`` is timm's ``create_scheduler_v2``: its signature gives the arguments and defaults.
     Uses ``num_epochs`` (the budget), ``warmup_epochs``, ``warmup_lr``, ``warmup_prefix``, ``decay_rate``,
-    ``min_lr``, ``step_on_epochs`` and ``updates_per_epoch``; the other schedules' arguments are
-    ignored; ``autodecay_*`` keywords carry the YAML keys and run facts (see ``YAML_KEYS``, ``RUN_KEYS``).
+    ``min_lr``, ``step_on_epochs``, ``updates_per_epoch`` and ``plateau_mode`` (the evaluation metric's
+    direction); the other schedules' arguments are ignored; ``autodecay_*`` keywords carry the YAML keys and
+    run facts (see ``YAML_KEYS``, ``RUN_KEYS``). Without ``train.py``'s facts (no ``autodecay_eval_metric``)
+    the evaluation signal is off unless ``autodecay_eval_signal=True``.
     """
     from .timm_scheduler import AutoDecayScheduler
 
@@ -191,6 +226,10 @@ def create_autodecay_scheduler(original: Any, optimizer: torch.optim.Optimizer, 
     settings = {k[len(PREFIX):]: v for k, v in ours.items() if k in YAML_KEYS}
     end_training = settings.pop("end_training", True)
     state_file = settings.pop("state_file", None)
+    settings.setdefault("eval_mode", a.get("plateau_mode") or "max")
+    end_interval = ours.get(PREFIX + "end_interval") or 1
+    eval_signal, why = _eval_signal(settings.pop("eval_signal", None), ours.get(PREFIX + "eval_metric"),
+                                    -(-num_epochs // end_interval))
     state_dir = ours.get(PREFIX + "state_dir") or train_py_checkpoint_dir()
     scheduler = AutoDecayScheduler(
         optimizer,
@@ -202,8 +241,9 @@ def create_autodecay_scheduler(original: Any, optimizer: torch.optim.Optimizer, 
         warmup_lr_init=a["warmup_lr"],
         warmup_prefix=a["warmup_prefix"],
         t_in_epochs=bool(a["step_on_epochs"]),
+        eval_signal=eval_signal,
         end_training=end_training,
-        end_interval=ours.get(PREFIX + "end_interval") or 1,
+        end_interval=end_interval,
         state_dir=state_dir,
         resume_from=ours.get(PREFIX + "resume"),
         state_file=state_file,
@@ -215,6 +255,11 @@ def create_autodecay_scheduler(original: Any, optimizer: torch.optim.Optimizer, 
             f"AutoDecay: {detector.num_stages} stage(s) over at most {num_epochs} epochs ({upe} updates each), "
             f"decay x{scheduler.decay_rate:g}, window {detector.window} updates, patience {detector.patience}; "
             f"state in {os.path.join(state_dir, STATE_FILE) if state_dir else '(not saved: no checkpoint folder)'}")
+        what = (f"on: {why}, {'lower' if detector.eval_mode == 'min' else 'higher'} is better (eval_mode "
+                f"{detector.eval_mode}); the stable phase also ends after {detector.eval_patience} evaluations "
+                f"without a new best (config key {PREFIX}eval_signal: false turns it off)" if eval_signal else
+                f"off: {why}")
+        _logger.info(f"AutoDecay: evaluation signal {what}")
         if not state_dir:
             _warn_no_state_dir()
     if a["warmup_prefix"]:

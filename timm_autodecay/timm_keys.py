@@ -24,10 +24,16 @@ YAML_KEYS[PREFIX + "end_training"] = (
     bool, True, "end training at the epoch boundary after the last stage's plateau (and cooldown)")
 YAML_KEYS[PREFIX + "state_file"] = (
     str, None, "autodecay_state.json to resume from (default: the one next to the --resume checkpoint)")
+YAML_KEYS[PREFIX + "eval_signal"] = (
+    bool, None, "judge train.py's evaluation metric (--eval-metric) too: the stable phase also ends once it has "
+                "stopped improving. Unset: on when train.py evaluates on a validation split at most "
+                "60 times in the budget (--epochs / --val-interval), off otherwise")
 # Keys that ``scheduler_kwargs`` fills in from train.py's arguments, and ``create_scheduler_v2``
 # keyword arguments for Python users; not YAML keys.
 RUN_KEYS = {
     PREFIX + "resume": "checkpoint (or its folder) to resume from: train.py's --resume",
     PREFIX + "end_interval": "epochs between boundaries where training may end: train.py's --val-interval",
+    PREFIX + "eval_metric": "the metric train.py passes to step(epoch, metric): its --eval-metric, or '' when it "
+                            "evaluates nothing (--val-split '': it passes the training loss)",
     PREFIX + "state_dir": "folder to write autodecay_state.json to (default: train.py's checkpoint folder)",
 }

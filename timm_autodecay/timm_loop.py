@@ -3,8 +3,8 @@
 ``train.py`` passes ``losses_m.avg`` to ``step_update``: this rank's running mean of the training loss
 over the epoch so far. :class:`RunningMeanDecoder` turns it back into per-update losses;
 :class:`RankLosses` sums them on the host and averages them over all ranks when the detector wants a
-value. Both keep their state JSON-able, for ``autodecay_state.json``. :func:`arm_stop` ends the
-loop gracefully once the run is over.
+value. Both keep their state JSON-able, for ``autodecay_state.json``. :func:`evaluation_over_ranks` reads the
+metric train.py passes to ``step(epoch, metric)``. :func:`arm_stop` ends the loop gracefully once the run is over.
 
 How train.py fills the mean (timm's ``train_one_epoch``)
 ------------------------------------------------------
@@ -26,6 +26,7 @@ How train.py fills the mean (timm's ``train_one_epoch``)
 from __future__ import annotations
 
 import math
+import numbers
 from typing import Any, Callable, Dict, Optional, Tuple
 
 import torch
@@ -150,6 +151,31 @@ class RankLosses:
         self.finite = int(state["finite"]) if primary else 0
         self.nonfinite = int(state["nonfinite"]) if primary else 0
         self.diverged = int(state["diverged"]) if primary else 0
+
+
+# -- the evaluation ------------------------------------------------------------------------------
+def check_evaluation(metric: Any) -> float:
+    """The metric passed to ``step(epoch, metric)`` (a number or a one-element tensor) as a float."""
+    if isinstance(metric, torch.Tensor):
+        if metric.numel() != 1 or metric.dtype == torch.bool or metric.is_complex() or metric.device.type == "meta":
+            raise ValueError(f"AutoDecay: the evaluation metric passed to step(epoch, metric) must be a real scalar, "
+                             f"got a tensor of {metric.dtype}, shape {tuple(metric.shape)}, on {metric.device}")
+        return float(metric.detach().reshape(()))
+    if isinstance(metric, bool) or not isinstance(metric, numbers.Real):
+        raise TypeError(f"AutoDecay: the evaluation metric passed to step(epoch, metric) must be a number, got "
+                        f"{type(metric).__name__} {metric!r}")
+    return float(metric)
+
+
+def evaluation_over_ranks(value: float, device: torch.device) -> float:
+    """An evaluation result averaged over all ranks (one collective, on every rank), so that every rank judges
+    the same value. train.py's ``validate()`` averages its metrics over ranks already; other loops may pass
+    each rank's own."""
+    if not distributed():
+        return value
+    tensor = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor)
+    return tensor.item() / dist.get_world_size()
 
 
 # -- the stop --------------------------------------------------------------------------------------

@@ -15,6 +15,11 @@ How it reads timm's ``train.py``
   averaged over all ranks only when the detector wants a value and at each epoch's last update, so
   every rank observes the same values at the same updates and takes the same decisions. Updates that
   carry no loss on any rank advance the detector's clock without a value.
+* The evaluation signal (``eval_signal``): the metric ``train.py`` passes to ``step(epoch + 1, metric)`` after
+  each evaluation (its ``--eval-metric`` on the validation split) also ends the stable phase, once it has
+  stopped improving (:mod:`~timm_autodecay.evaluations`). The losses not yet observed are handed to the
+  detector first, then the metric, averaged over ranks; ``metric=None`` (an epoch without evaluation)
+  changes nothing. Its direction is ``eval_mode`` (the factory takes timm's ``plateau_mode``).
 * Decisions: with ``--sched-on-updates`` a decay applies from the next update; otherwise (timm's
   default, ``t_in_epochs``) at the next epoch boundary, like timm's step schedule. With the cooldown
   shape the LR follows the detector's cooldown curve at every update, from the update that began it.
@@ -27,8 +32,8 @@ How it reads timm's ``train.py``
   the folder of ``train.py``'s checkpoints (:mod:`~timm_autodecay.timm_state`), tied to the checkpoint
   written next. ``--resume CHECKPOINT`` makes ``train.py`` call ``step(start_epoch)`` (or
   ``step_update(start_epoch * updates_per_epoch)``); the scheduler then loads that checkpoint's entry:
-  same stage, LR and detector state as the unbroken run. The whole entry is checked before any of it
-  is applied.
+  same stage, LR and detector state (its evaluations too: the entry is rewritten once the epoch's
+  evaluation is taken) as the unbroken run. The whole entry is checked before any of it is applied.
 """
 from __future__ import annotations
 
@@ -42,21 +47,14 @@ from timm.scheduler.scheduler import Scheduler
 
 from .detector import SETTINGS, Decision, FollowsDetector, StageDetector, StateError, check_int
 from .timm_keys import FROM_RUN, PREFIX
-from .timm_loop import LOSS, NONFINITE, AutoDecayFinished, RankLosses, RunningMeanDecoder, arm_stop, is_primary
-from .timm_state import (ENTRY_TAG, ENTRY_VERSION, STATE_FILE, WHAT_IT_IS, StateFile, check_entry, find_entry,
-                         migrate_entry, what_to_do)
+from .timm_loop import (LOSS, NONFINITE, AutoDecayFinished, RankLosses, RunningMeanDecoder, arm_stop,
+                        check_evaluation, evaluation_over_ranks, is_primary)
+from .timm_state import (ENTRY_TAG, ENTRY_VERSION, STATE_FILE, WHAT_IT_IS, StateFile, adopt_evaluation_settings,
+                         check_entry, check_same_run, find_entry, migrate_entry, settings_hint, what_to_do)
 
 __all__ = ["AutoDecayFinished", "AutoDecayScheduler", "STATE_FILE"]
 
 _logger = logging.getLogger("timm_autodecay")
-
-# The scheduler's own settings that a resumed run must share with its checkpoint, and what sets them.
-RUN_FLAGS = {
-    "updates_per_epoch": "train.py's updates per epoch (the dataset, --batch-size, --grad-accum-steps)",
-    "t_in_epochs": "--sched-on-updates", "decay_rate": "--decay-rate", "lr_min": "--min-lr",
-    "warmup_t": "--warmup-epochs", "warmup_lr_init": "--warmup-lr",
-}
-
 
 def _check_lr(name: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
@@ -87,6 +85,8 @@ class AutoDecayScheduler(FollowsDetector, Scheduler):
             (``--sched-on-updates``): at the update after a decision.
         metric_mode: what ``step_update``'s metric is: ``"epoch_mean"`` (train.py's ``losses_m.avg``,
             the running mean over the epoch so far) or ``"update"`` (that update's loss).
+        eval_signal: judge the metric passed to ``step(epoch, metric)`` (an evaluation result, better as
+            ``eval_mode`` says) as the detector's evaluation signal; ``False``: ignore it.
         end_training: arm the stop (:class:`AutoDecayFinished`) once the last stage has ended.
         end_interval: end only at boundaries ``t`` with ``t % end_interval == 0`` (train.py's
             ``--val-interval``: it checkpoints only there).
@@ -110,6 +110,7 @@ class AutoDecayScheduler(FollowsDetector, Scheduler):
         warmup_prefix: bool = False,
         t_in_epochs: bool = True,
         metric_mode: str = "epoch_mean",
+        eval_signal: bool = False,
         end_training: bool = True,
         end_interval: int = 1,
         state_dir: Optional[str] = None,
@@ -128,9 +129,10 @@ class AutoDecayScheduler(FollowsDetector, Scheduler):
         if metric_mode not in ("epoch_mean", "update"):
             raise ValueError(f"AutoDecay: metric_mode must be 'epoch_mean' or 'update', got {metric_mode!r}")
         self.metric_mode = metric_mode
-        if not isinstance(end_training, bool):
-            raise ValueError(f"AutoDecay: end_training must be true or false, got {end_training!r}")
-        self.end_training = end_training
+        for name, value in (("end_training", end_training), ("eval_signal", eval_signal)):
+            if not isinstance(value, bool):
+                raise ValueError(f"AutoDecay: {name} must be true or false, got {value!r}")
+        self.end_training, self.eval_signal = end_training, eval_signal
         self.end_interval = check_int("end_interval (--val-interval)", end_interval, 1)
         self.state_dir, self.resume_from, self.state_file = state_dir, resume_from, state_file
         self.detector = self._make_detector(t_in_epochs, detector_settings)
@@ -225,8 +227,8 @@ class AutoDecayScheduler(FollowsDetector, Scheduler):
             self.update_groups(self._get_lr(n // self.updates_per_epoch))
 
     def step(self, epoch: int, metric: Optional[float] = None) -> None:
-        """At the end of an epoch, with the number of completed epochs (train.py: ``epoch + 1``).
-        ``metric`` (the validation metric) is not used: AutoDecay reads the training loss."""
+        """At the end of an epoch, with the number of completed epochs (train.py: ``epoch + 1``) and the
+        evaluation metric (``None``: no evaluation), which ``eval_signal`` judges."""
         t = check_int("epoch", epoch, 0)
         self.metric = metric
         n = t * self.updates_per_epoch
@@ -247,6 +249,8 @@ class AutoDecayScheduler(FollowsDetector, Scheduler):
                     f"AutoDecay: step(epoch={t}) after update {self.num_updates} "
                     f"({self.num_updates / self.updates_per_epoch:g} epochs): call step() at the end of each "
                     f"epoch with the number of completed epochs, after that epoch's step_update() calls")
+        if metric is not None and self.eval_signal:
+            self._evaluate(check_evaluation(metric), t)
         if self.t_in_epochs:
             self.update_groups(self._get_lr(t))
         if self.detector.finished and t % self.end_interval == 0:
@@ -283,18 +287,26 @@ class AutoDecayScheduler(FollowsDetector, Scheduler):
             self._skip(count)
             return
         try:
-            decision = self.detector.observe(mean, count, nonfinite)
+            self._take(self.detector.observe(mean, count, nonfinite))
         except FloatingPointError as error:
             raise FloatingPointError(f"{error} (at update {self.num_updates}, epoch {epoch}). {advice}") from None
-        self.last_decision = decision
-        if decision.changed and is_primary():
-            self._log_decision(decision)
 
     def _skip(self, count: int) -> None:
         """Advance the detector's clock by ``count`` updates that carry no loss."""
-        if count <= 0:
-            return
-        decision = self.detector.skip(count)
+        if count > 0:
+            self._take(self.detector.skip(count))
+
+    def _evaluate(self, value: float, t: int) -> None:
+        """train.py's evaluation after ``t`` epochs, judged as AutoDecayLR.step_eval judges it: the losses not
+        yet observed first (the detector's clock reaches this update), then the value averaged over ranks.
+        The entry saved for this epoch's checkpoint is then rewritten with it."""
+        if self.num_updates > self.detector.update and not self.detector.finished:
+            self._observe()
+        self._take(self.detector.observe_eval(evaluation_over_ranks(value, self._device)))
+        if self.num_updates == t * self.updates_per_epoch:
+            self._save_state(t, again=True)
+
+    def _take(self, decision: Decision) -> None:
         self.last_decision = decision
         if decision.changed and is_primary():
             self._log_decision(decision)
@@ -360,12 +372,11 @@ class AutoDecayScheduler(FollowsDetector, Scheduler):
         ValueError) names the bad key or the flag that differs, and then nothing has changed."""
         state = migrate_entry(state_dict)
         check_entry(state, len(self.optimizer.param_groups))
-        self._check_same_run(state)
+        check_same_run(state, self)
         try:
-            self.detector.load_state_dict(state["detector"])
+            self.detector.load_state_dict(adopt_evaluation_settings(state["detector"], self.detector))
         except StateError as error:
-            hint = "; timm config keys: autodecay_<setting>" if "'settings' differ" in str(error) else ""
-            raise StateError(f"{error} (in the saved state's 'detector'{hint})") from None
+            raise StateError(f"{error} (in the saved state's 'detector'{settings_hint(error)})") from None
         self.num_updates = state["num_updates"]
         self.decoder.load_state_dict(state)
         self.losses.load_state_dict(state["pending_losses"])
@@ -373,25 +384,6 @@ class AutoDecayScheduler(FollowsDetector, Scheduler):
         self._set_warmup_steps()
         t = self.num_updates // self.updates_per_epoch if self.t_in_epochs else self.num_updates
         self.update_groups(self._get_lr(t))
-
-    def _check_same_run(self, state: Dict[str, Any]) -> None:
-        for key, flag in RUN_FLAGS.items():
-            if state[key] != getattr(self, key):
-                raise StateError(
-                    f"AutoDecay: {key} is {getattr(self, key)!r} in this run but {state[key]!r} in the saved state "
-                    f"({flag}); resume with the run's own settings")
-        saved = state["detector"].get("settings")
-        saved = saved if isinstance(saved, dict) else {}
-
-        def describe(updates: Optional[int]) -> str:
-            return "none" if updates is None else f"{updates} updates, {updates / self.updates_per_epoch:g} epochs"
-
-        for key, flag in (("total_updates", "--epochs"), ("warmup_updates", "--warmup-epochs")):
-            then, now = saved.get(key, getattr(self.detector, key)), getattr(self.detector, key)
-            if then != now:
-                raise StateError(
-                    f"AutoDecay: the saved state's run had {key}={describe(then)}, this one {describe(now)}: "
-                    f"resume with the checkpoint's {flag}" + (" (and --warmup-prefix)" if self.warmup_prefix else ""))
 
     def _resume(self, n: int) -> None:
         if n % self.updates_per_epoch:
@@ -426,9 +418,12 @@ class AutoDecayScheduler(FollowsDetector, Scheduler):
         if self.finished:
             self._arm_stop(t)
 
-    def _save_state(self, t: int) -> None:
+    def _save_state(self, t: int, again: bool = False) -> None:
+        """The entry for ``t`` epochs; ``again``: rewrite the one added for them (after their evaluation)."""
         if not self.state_dir or not is_primary():
             return
         if self._file is None:
             self._file = StateFile(self.state_dir)
-        self.optimizer.param_groups[0][ENTRY_TAG] = self._file.add(t, self.state_dict())
+        group = self.optimizer.param_groups[0]
+        if not (again and self._file.replace(group.get(ENTRY_TAG), t, self.state_dict())):
+            group[ENTRY_TAG] = self._file.add(t, self.state_dict())

@@ -2,7 +2,9 @@
 
 At every epoch's end the scheduler adds an entry (its whole state after that many epochs) and tags the
 optimizer's first param group with the entry's id (``autodecay_state_entry``): train.py's checkpoint,
-written right after, carries the tag in its optimizer state. ``--resume`` loads the optimizer before
+written right after, carries the tag in its optimizer state. train.py hands over the epoch's evaluation
+only after it wrote that checkpoint (``step(epoch + 1, metric)``): the entry's state is then rewritten with
+the evaluation taken, so the checkpoint resumes with it. ``--resume`` loads the optimizer before
 the scheduler is built, so the scheduler finds the very entry of that checkpoint, even after another
 checkpoint of the same folder was resumed and trained on (its entries are kept, never replaced).
 Without a tag (``--no-resume-opt``, or a checkpoint of release 0.1.0) the newest entry for the
@@ -28,6 +30,7 @@ import uuid
 from typing import Any, Dict, List, Optional
 
 from .detector import StateError, check_state_fields
+from .state import EVALUATION_SETTINGS
 
 STATE_FILE = "autodecay_state.json"
 FILE_FORMAT = "timm-autodecay-state"
@@ -132,6 +135,7 @@ class StateFile:
         self.folder = folder
         self.path = os.path.join(folder, STATE_FILE)
         self._entries: Optional[List[Dict[str, Any]]] = None
+        self._added: Optional[str] = None  # the id of the entry this object added last
 
     def _load(self) -> List[Dict[str, Any]]:
         if not os.path.exists(self.path):
@@ -153,6 +157,21 @@ class StateFile:
         same = [i for i, e in enumerate(entries) if e["epoch"] == epoch]
         drop = set(same[:-ENTRIES_PER_EPOCH])
         self._entries = [e for i, e in enumerate(entries) if i not in drop]
+        self._write()
+        self._added = entry_id
+        return entry_id
+
+    def replace(self, entry_id: Optional[str], epoch: int, state: Dict[str, Any]) -> bool:
+        """Rewrite the state of the latest entry, if it is ``entry_id`` for ``epoch`` (the entry this object
+        added last: never one of an earlier run, which its own checkpoint resumes). False if it is not."""
+        last = self._entries[-1] if self._entries else None
+        if entry_id is None or entry_id != self._added or last is None or last["epoch"] != epoch:
+            return False
+        last["state"] = state
+        self._write()
+        return True
+
+    def _write(self) -> None:
         os.makedirs(self.folder, exist_ok=True)
         tmp = f"{self.path}.tmp{os.getpid()}"
         with open(tmp, "w") as f:
@@ -161,7 +180,6 @@ class StateFile:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
-        return entry_id
 
 
 # -- one entry: the scheduler's state_dict() ------------------------------------------------------
@@ -221,3 +239,53 @@ def check_entry(state: Dict[str, Any], param_groups: int) -> None:
     for key in ("running_mean", "last_sample"):
         if state[key] is not None and not math.isfinite(state[key]):
             raise _fail(key, "must be a finite number or null", state[key])
+
+
+# -- an entry against this run -------------------------------------------------------------------
+# The scheduler's own settings that a resumed run must share with its checkpoint, and what sets them.
+RUN_FLAGS = {
+    "updates_per_epoch": "train.py's updates per epoch (the dataset, --batch-size, --grad-accum-steps)",
+    "t_in_epochs": "--sched-on-updates", "decay_rate": "--decay-rate", "lr_min": "--min-lr",
+    "warmup_t": "--warmup-epochs", "warmup_lr_init": "--warmup-lr",
+}
+
+
+def check_same_run(state: Dict[str, Any], scheduler: Any) -> None:
+    """StateError naming the flag when a (migrated, checked) entry was written by a run of another shape."""
+    for key, flag in RUN_FLAGS.items():
+        if state[key] != getattr(scheduler, key):
+            raise StateError(
+                f"AutoDecay: {key} is {getattr(scheduler, key)!r} in this run but {state[key]!r} in the saved state "
+                f"({flag}); resume with the run's own settings")
+    saved = state["detector"].get("settings")
+    saved = saved if isinstance(saved, dict) else {}
+    upe, detector = scheduler.updates_per_epoch, scheduler.detector
+
+    def describe(updates: Optional[int]) -> str:
+        return "none" if updates is None else f"{updates} updates, {updates / upe:g} epochs"
+
+    for key, flag in (("total_updates", "--epochs"), ("warmup_updates", "--warmup-epochs")):
+        then, now = saved.get(key, getattr(detector, key)), getattr(detector, key)
+        if then != now:
+            raise StateError(
+                f"AutoDecay: the saved state's run had {key}={describe(then)}, this one {describe(now)}: "
+                f"resume with the checkpoint's {flag}" + (" (and --warmup-prefix)" if scheduler.warmup_prefix else ""))
+
+
+def adopt_evaluation_settings(saved: Any, detector: Any) -> Any:
+    """A detector state written before the evaluation signal (state version 1 or 2) with this run's evaluation
+    settings: it saw no evaluation, so any fit it (left out, the defaults would be filled in, and a run whose
+    --eval-metric is top1, mode max, could not resume it). Any other state is returned as it is."""
+    version = saved.get("version", 1) if isinstance(saved, dict) else None
+    if version not in (1, 2) or isinstance(version, bool) or not isinstance(saved.get("settings"), dict):
+        return saved
+    ours = {name: getattr(detector, name) for name in EVALUATION_SETTINGS}
+    return {**saved, "settings": {**saved["settings"], **ours}}
+
+
+def settings_hint(error: StateError) -> str:
+    """What sets the detector settings that a refused state names, in timm's terms."""
+    if "'settings' differ" not in str(error):
+        return ""
+    return "; timm config keys: autodecay_<setting>" + (
+        ", and eval_mode follows --eval-metric ('min' when its name holds 'loss')" if "eval_mode" in str(error) else "")
