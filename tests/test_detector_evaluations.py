@@ -42,8 +42,8 @@ def test_a_peaked_metric_ends_the_phase_within_one_evaluation_of_where_its_peak_
     assert d.in_cooldown and d.history[-1]["reason"] == "evaluation"
 
 
-def test_patience_is_eval_patience_early_and_a_quarter_of_the_stage_later():
-    assert [first_ending(best, 3) - best for best in (1, 6, 9, 12, 20, 40)] == [3, 3, 3, 4, 7, 14]
+def test_patience_is_eval_patience_early_and_a_third_of_the_stage_later():
+    assert [first_ending(best, 3) - best for best in (1, 6, 9, 12, 20, 40)] == [3, 3, 5, 6, 10, 20]
 
 
 def test_a_falling_metric_ends_the_phase_sooner_than_a_flat_noisy_one():
@@ -68,7 +68,9 @@ def test_decisions_are_invariant_to_an_affine_map_of_the_metric():
         assert ending([-3 * v + 2 for v in values], eval_mode="min")[0] == expected
 
 
-def test_one_bad_evaluation_moves_the_decision_by_at_most_one_evaluation_on_a_clean_peak():
+def test_one_bad_evaluation_moves_the_decision_by_at_most_two_evaluations_on_a_clean_peak():
+    # it moves the best smoothed value by at most one evaluation; the patience, a third of the stage's
+    # evaluations late in a stage, stretches that to at most two
     for peak in (4, 9, 15):
         values = peaked(peak, length=40)
         expected = ending(values)[0]
@@ -77,10 +79,10 @@ def test_one_bad_evaluation_moves_the_decision_by_at_most_one_evaluation_on_a_cl
                 spoiled = list(values)
                 spoiled[at] = outlier
                 found = ending(spoiled)[0]
-                assert found is not None and abs(found - expected) <= 1, (peak, at, outlier, found)
+                assert found is not None and abs(found - expected) <= 2, (peak, at, outlier, found)
 
 
-def test_one_bad_evaluation_rarely_moves_a_noisy_decision_by_more_than_one_evaluation():
+def test_one_bad_evaluation_rarely_moves_a_noisy_decision_by_more_than_two_evaluations():
     rng = random.Random(2)
     moved = compared = 0
     for _ in range(300):
@@ -91,7 +93,7 @@ def test_one_bad_evaluation_rarely_moves_a_noisy_decision_by_more_than_one_evalu
         expected, found = ending(values)[0], ending(spoiled)[0]
         if expected is not None and found is not None:
             compared += 1
-            moved += abs(found - expected) > 1
+            moved += abs(found - expected) > 2
     assert compared > 150 and moved / compared <= 0.05
 
 
@@ -105,7 +107,8 @@ def test_evaluations_during_warmup_and_cooldown_are_recorded_never_judged():
 
 def test_the_step_shape_starts_each_stage_with_a_fresh_series():
     index, d = ending(peaked(5) + [100.0] * 30, decay_shape="step")
-    assert index == 9 and d.stage == 1 and d.evaluations.count == 0
+    # the best smoothed value at the 7th evaluation
+    assert index + 1 == first_ending(7, 3) and d.stage == 1 and d.evaluations.count == 0
     d.observe_eval(0.0)
     assert d.evaluations.count == 1  # the stage-0 best does not bar stage 1 from improving
 

@@ -76,7 +76,8 @@ def test_a_peak_in_the_evaluations_ends_the_stable_phase_while_the_loss_falls(me
 def test_with_the_step_shape_an_evaluation_decays_the_learning_rate_from_the_next_step():
     from hf_integration import AutoDecayCallback
 
-    run = eval_run(AutoDecayCallback(decay_rate=0.5, num_stages=2, **STEP))  # stage budget 1500
+    early_peak = lambda step: {"eval_accuracy": peaked(step, peak=5 * EVAL_STEPS), "eval_loss": 1.0}
+    run = eval_run(AutoDecayCallback(decay_rate=0.5, num_stages=2, **STEP), metrics=early_peak)  # stage budget 1500
     run.feed(falling_loss(PEAK + 6 * EVAL_STEPS))
     first = run.callback.history[0]
     assert first["action"] == "decay" and first["reason"] == "evaluation"

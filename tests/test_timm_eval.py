@@ -19,6 +19,7 @@ from timm_autodecay.timm_state import STATE_FILE, read_entries
 
 PEAK = 8  # the evaluation after epoch PEAK is the best
 PATIENCE = 3  # eval_patience's default
+ENDS_AFTER = first_ending(PEAK + 1, PATIENCE) - 1  # the epoch after whose evaluation the rule ends the phase
 
 
 def ended_after(history):
@@ -62,7 +63,7 @@ def test_a_peaked_metric_starts_the_cooldown_after_patience_evaluations_and_resu
     evaluate = peaked_metrics(PEAK)
     run = train_py(tmp_path / "a", args, evaluate=evaluate, loss_fn=falling_loss)
     scheduler, log = run["scheduler"], run["log"]
-    assert abs(ended_after(scheduler.history) - (PEAK + PATIENCE)) <= 1
+    assert abs(ended_after(scheduler.history) - ENDS_AFTER) <= 1
     assert scheduler.history[0]["action"] == "cooldown" and scheduler.finished
     # the training loss alone would not have ended the phase
     assert replayed_history(scheduler, [b["loss"] for b in log]) == []
@@ -107,10 +108,10 @@ def test_the_direction_follows_the_eval_metrics_name(stateless, eval_metric, dec
     scheduler, _ = timm_scheduler.create_scheduler_v2(torch.optim.SGD(Toy().parameters(), lr=BASE_LR), **kwargs,
                                                       updates_per_epoch=UPE)
     assert scheduler.eval_signal and scheduler.detector.eval_mode == mode
-    # the metric at its best at PEAK, in that direction: the phase ends after PATIENCE evaluations without a new best
+    # the metric at its best at PEAK, in that direction: the phase ends where the rule puts it after that best
     key = "loss" if mode == "min" else "top1"
-    drive(scheduler, lambda epoch: peaked_metrics(PEAK)(epoch)[key], stop=PEAK + 6)
-    assert ended_after(scheduler.history) == PEAK + PATIENCE
+    drive(scheduler, lambda epoch: peaked_metrics(PEAK)(epoch)[key], stop=ENDS_AFTER + 3)
+    assert ended_after(scheduler.history) == ENDS_AFTER
 
 
 @pytest.mark.parametrize("overrides, on", [
@@ -176,7 +177,7 @@ def test_a_state_written_before_evaluations_resumes_and_judges_them_from_there(s
     assert resumed.state_dict() == unbroken.state_dict()
     lrs = [drive(s, lambda epoch: evaluate(epoch)["top1"], start=5, stop=20) for s in (unbroken, resumed)]
     assert lrs[0] == lrs[1] and resumed.history == unbroken.history
-    assert ended_after(resumed.history) == PEAK + PATIENCE
+    assert ended_after(resumed.history) == 5 + first_ending(PEAK - 5 + 1, PATIENCE) - 1  # counted from epoch 5
 
 
 def test_a_state_file_of_release_0_1_0_resumes_where_train_py_evaluates(tmp_path):
