@@ -16,7 +16,8 @@ from engine.schedules import Schedule, current_lr  # noqa: E402
 pytestmark = pytest.mark.slow  # the recipes, not the inner loop (`pytest -m "not slow"`)
 
 CFG = SimpleNamespace(lr=0.1, momentum=0.9, weight_decay=5e-4, batch_size=64, lr_reference_batch=0, decay_rate=0.1,
-                      milestones=[2, 4], patience=1, num_stages=3, decay_shape="", schedule_updates=0)
+                      milestones=[2, 4], patience=1, num_stages=3, decay_shape="", schedule_updates=0,
+                      eval_metric="val_top1", val_samples=100)
 UPDATES_PER_EPOCH, EPOCHS = 10, 6
 
 
@@ -44,8 +45,8 @@ def train(model, optimizer, schedule, updates: range) -> list[tuple]:
         ended = schedule.after_update(loss.detach())
         epochs_done, rest = divmod(update + 1, UPDATES_PER_EPOCH)
         if rest == 0:
-            ended = schedule.after_epoch(epochs_done, loss.item(), {"test_top1": min(80.0, 50.0 + 10 * epochs_done)}) \
-                or ended
+            top1 = min(80.0, 50.0 + 10 * epochs_done)
+            ended = schedule.after_epoch(epochs_done, loss.item(), {"test_top1": top1, "val_top1": top1}) or ended
         trace.append((update, current_lr(optimizer), schedule.stage, ended))
         if ended:
             break

@@ -71,7 +71,7 @@ def test_compare_schedules_rejects_bad_config(override, message, capsys):
 def test_peers_and_oracle_end_to_end(tmp_path):
     finished = run_recipe(
         "--epochs", "3", "--seeds", "0", "--jobs", "1", "--checkpoint_every", "0", "--save_stage_ends", "false",
-        "--num_samples", "2000",  # 25 updates per epoch: a smoke test
+        "--num_samples", "2000", "--val_samples", "400",  # 20 updates per epoch: a smoke test
         "--schedules", "step", "slope", "sasa", "timm_plateau", "oracle", "--milestones", "1", "2",
         "--oracle_first_milestones", "1", "--oracle_gaps", "1", "--oracle_tails", "1",
         "--output_dir", str(tmp_path),
@@ -208,8 +208,117 @@ def test_budget_points_read_a_run_at_shares_of_the_budget():
     run = {"schedule": "schedulefree", "seed": 3, "test_top1": 93.0, "epochs": 30.0, "updates": 3750,
            "decay_epochs": [], "curves": curves}
     points = {point["schedule"]: point for point in budget_point_runs([run], budget_epochs=30)}
-    assert set(points) == {"schedulefree_40", "schedulefree_60", "schedulefree_80"}
+    assert set(points) == {f"schedulefree_{p}" for p in (20, 30, 40, 50, 60, 80)}
     assert points["schedulefree_60"]["epochs"] == 18 and points["schedulefree_60"]["test_top1"] == pytest.approx(91.8)
     assert len(points["schedulefree_40"]["curves"]) == 12 and points["schedulefree_80"]["seed"] == 3
     assert frontier_of("schedulefree_40") == "schedulefree" and frontier_of("wsd_40") == "wsd"
     assert frontier_of("step") == ""
+
+
+@pytest.mark.slow  # generates MNIST-1D
+def test_validation_split_is_the_last_training_samples_held_out_before_the_subset():
+    from engine.config import ConfigError
+    from engine.tasks import TASKS, make_task
+    from engine.train_config import TrainConfig
+
+    whole = TASKS["mnist1d_noisy"](TrainConfig())
+    task = make_task(TrainConfig(task="mnist1d_noisy", val_samples=1000, train_subset=1500))
+    assert len(task.val_targets) == 1000 and len(task.train_targets) == 1500
+    assert (task.val_inputs == whole.train_inputs[-1000:]).all()
+    assert (task.val_targets == whole.train_targets[-1000:]).all()  # the noisy labels, as they are
+    clean = TASKS["mnist1d"](TrainConfig())
+    assert 0.1 < (task.val_targets != clean.train_targets[-1000:]).float().mean() < 0.2
+    assert (task.train_inputs == whole.train_inputs[:1500]).all()  # the subset: the first of the rest
+    assert (task.test_targets == whole.test_targets).all()
+    held_out = make_task(TrainConfig(val_samples=500))
+    assert len(held_out.train_targets) == 7500 and (held_out.train_inputs == clean.train_inputs[:7500]).all()
+    with pytest.raises(ConfigError, match="val_samples"):
+        make_task(TrainConfig(val_samples=8000))
+
+
+def test_schedules_that_read_an_evaluation_read_the_eval_metric():
+    import torch
+    from types import SimpleNamespace
+
+    from engine.config import ConfigError
+    from engine.peers import PEERS, make_schedule
+
+    for metric, mode in (("val_top1", "max"), ("val_loss", "min")):
+        optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+        schedule = PEERS["timm_plateau"].schedule(SimpleNamespace(decay_rate=0.1, eval_metric=metric))
+        schedule.start(optimizer, 10, 100)
+        assert schedule.scheduler.mode == mode
+        for epoch in range(1, 9):  # the test set improves, the eval metric stays flat: a plateau
+            schedule.after_epoch(epoch, 1.0, {"test_top1": 50.0 + 5 * epoch, "test_loss": 1.0 / epoch, metric: 0.5})
+        assert schedule.stage == 1 and optimizer.param_groups[0]["lr"] == pytest.approx(0.01)
+    with pytest.raises(ConfigError, match="val_samples"):  # no validation split: no eval metric
+        schedule.after_epoch(9, 1.0, {"test_top1": 99.0})
+    for name in ("timm_plateau", "plateau_eval", "autodecay_eval"):
+        assert PEERS[name].reads_eval
+        with pytest.raises(ConfigError, match="val_samples: needed by " + name):
+            make_schedule(SimpleNamespace(schedule=name, val_samples=0, eval_metric="val_top1"))
+
+
+def test_eval_peers_val_metrics_and_envelope_end_to_end(tmp_path):
+    finished = run_recipe(
+        "--epochs", "3", "--seeds", "0", "--jobs", "2", "--num_samples", "2000", "--task", "mnist1d_noisy",
+        "--val_samples", "400", "--train_subset", "768",  # 12 updates per epoch
+        "--schedules", "autodecay", "autodecay_eval", "plateau_eval", "timm_plateau", "cosine_30", "cosine",
+        "wsd_30", "wsd", "--paired_with", "autodecay", "autodecay_eval", "--output_dir", str(tmp_path),
+    )
+    assert finished.returncode == 0, finished.stderr
+    document = json.loads((tmp_path / "results.json").read_text())
+    runs = {run["schedule"]: run for run in document["runs"]}
+    assert runs["wsd"]["updates"] == 3 * 12 and runs["cosine_30"]["updates"] == 11
+    for run in runs.values():
+        assert all({"val_top1", "val_loss"} <= line.keys() for line in run["curves"])
+    lines = (tmp_path / "wsd" / "seed0" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["val_top1"] for line in lines] == [line["val_top1"] for line in runs["wsd"]["curves"]]
+    table = document["tables"]["mnist1d_noisy"]
+    rows = {row["schedule"]: row for row in table["rows"]}
+    best = max((rows[name] for name in ("cosine_30", "cosine", "wsd_30", "wsd")), key=lambda row: row["top1_mean"])
+    assert table["envelope"]["best"]["top1_mean"] == best["top1_mean"]
+    for row in rows.values():
+        assert row["regret"] == pytest.approx(best["top1_mean"] - row["top1_mean"])
+        assert {"waste", "envelope_deficit"} <= row.keys()
+    assert set(table["paired"]) <= {"autodecay", "autodecay_eval"}
+    markdown = (tmp_path / "results.md").read_text()
+    assert "AutoDecay against the envelope" in markdown and "| autodecay_eval |" in markdown
+    assert "| frontier | 30% (0.917 epochs) | 100% (3 epochs) |" in markdown
+    assert (tmp_path / "pareto.png").stat().st_size > 0
+    again = run_recipe(  # a later invocation reads the finished runs back and trains only what is new
+        "--epochs", "3", "--seeds", "0", "--jobs", "1", "--num_samples", "2000", "--task", "mnist1d_noisy",
+        "--val_samples", "400", "--train_subset", "768", "--schedules", "wsd", "cosine", "wsd_20",
+        "--output_dir", str(tmp_path),
+    )
+    assert again.returncode == 0, again.stderr
+    assert "1 runs, 1 at once; 2 read back" in again.stdout
+
+
+def frontier_row(name: str, top1: float, epochs: float, frontier: str = "") -> dict:
+    return {"schedule": name, "top1_mean": top1, "epochs_mean": epochs, "frontier": frontier}
+
+
+def test_regret_waste_and_envelope_deficit_from_seed_means():
+    from engine.comparison import envelope_scores, envelope_table
+
+    rows = [frontier_row("cosine_20", 95.0, 6, "cosine"), frontier_row("cosine", 98.0, 30, "cosine"),
+            frontier_row("wsd_40", 97.95, 12, "wsd"), frontier_row("wsd", 98.2, 30, "wsd"),
+            frontier_row("schedulefree_20", 99.5, 6, "schedulefree"),  # read off one run: not a fixed-length point
+            frontier_row("autodecay", 97.0, 18.0), frontier_row("autodecay_eval", 98.15, 10.0),
+            frontier_row("early", 90.0, 3.0)]
+    envelope = envelope_scores(rows, tolerance=0.3)
+    assert envelope["best"]["schedule"] == "wsd" and envelope["shortest_good"]["schedule"] == "wsd_40"
+    scores = envelope["scores"]
+    assert scores["autodecay"]["regret"] == pytest.approx(1.2)
+    assert scores["autodecay"]["waste"] == pytest.approx(18.0 / 12)
+    assert scores["autodecay"]["envelope_deficit"] == pytest.approx(0.95)  # wsd_40 is the best point <= 18 epochs
+    assert scores["autodecay_eval"]["envelope_deficit"] == pytest.approx(95.0 - 98.15)  # above the envelope
+    assert scores["early"]["envelope_deficit"] is None and scores["early"]["waste"] == pytest.approx(0.25)
+    assert scores["wsd"]["regret"] == 0 and scores["wsd"]["envelope_deficit"] == 0
+    assert envelope_scores(rows, tolerance=0.1)["shortest_good"]["schedule"] == "wsd"
+    assert envelope_scores([frontier_row("autodecay", 97.0, 18.0)]) == {}
+    for row in rows:
+        row.update(scores[row["schedule"]])
+    table = envelope_table(rows, ["autodecay", "autodecay_eval"], envelope)
+    assert "| autodecay | 97.00 | 18.0 | +1.20 | 1.50 | +0.95 |" in table and "early" not in table

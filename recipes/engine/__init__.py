@@ -5,7 +5,7 @@ data, and Accelerate. The recipes (one file per job, next to this package) impor
 - `train_config`: `TrainConfig`, the keys of one run;
 - `tasks`: the tasks by name (`TASKS`, `make_task`); `models`: the models (`MODELS`, any timm model),
   checkpoint weights and frozen features; `optimizers`: the default SGD;
-- `batches`: the updates of an epoch (data order, processes, micro-batches); `evaluation`: test metrics;
+- `batches`: the updates of an epoch (data order, processes, micro-batches); `evaluation`: test and validation metrics;
 - `schedules`: the one `Schedule` interface and the LR schedules behind it; `slope_test` (dlib's) and
   `optimizer_schedules` (peers that own their optimizer);
 - `peers`: every schedule by name with the settings a user would pick and why (`PEERS`);

@@ -1,11 +1,16 @@
 """The schedule comparison's arithmetic and tables: one row per schedule, the paired comparison with the
-frontier, and the checks on AutoDecay. Plain Python over the runs' summaries (no training here).
+frontier, each schedule against the frontier's envelope (regret, waste, envelope deficit), and the checks on
+AutoDecay. Plain Python over the runs' summaries (no training here).
 
 A run is a dict with at least "schedule", "seed", "test_top1", "epochs", "updates", "decay_epochs".
 """
 import statistics
 
 from .peers import PEERS
+
+
+EVALUATIONS = ("test_top1", "test_loss", "val_top1", "val_loss")  # what a budget point reads off its run's curves
+FIXED_LENGTH = ("cosine", "wsd")  # the frontier families whose points are runs trained to that length
 
 
 def mean_sd(values: list) -> tuple[float, float]:
@@ -32,7 +37,7 @@ def budget_point_runs(results: list[dict], budget_epochs: int) -> list[dict]:
             line = next((line for line in run["curves"] if line["epoch"] == epoch), None)
             if line is not None:
                 points.append({**run, "schedule": f"{run['schedule']}_{round(100 * fraction)}",
-                               "test_top1": line["test_top1"], "test_loss": line["test_loss"],
+                               **{key: line[key] for key in EVALUATIONS if key in line},
                                "epochs": line["epoch"], "updates": line["updates"],
                                "curves": [ln for ln in run["curves"] if ln["epoch"] <= epoch]})
     return points
@@ -67,12 +72,91 @@ def table_rows(results: list[dict], names: list[str], budget_epochs: int, oracle
     return rows
 
 
+def envelope_scores(rows: list[dict], tolerance: float = 0.1, families: tuple = FIXED_LENGTH) -> dict:
+    """Every row against the envelope of the fixed-length frontier points (the rows of `families`: cosine and
+    WSD at each budget point run), all from seed means:
+
+    - regret: the best point's accuracy minus the row's (points; the best = the most accurate point);
+    - waste: the row's epochs over those of the shortest point within `tolerance` points of the best;
+    - envelope deficit: the best accuracy of the points no longer than the row, minus the row's (points;
+      None when no point is that short).
+
+    Returns {} without frontier points, else the best point, the shortest good one, and per schedule its
+    three numbers ("scores")."""
+    points = [row for row in rows if row["frontier"] in families]
+    if not points:
+        return {}
+    best = max(points, key=lambda row: (row["top1_mean"], -row["epochs_mean"]))
+    good = [row for row in points if row["top1_mean"] >= best["top1_mean"] - tolerance]
+    shortest = min(good, key=lambda row: (row["epochs_mean"], -row["top1_mean"]))
+    scores = {}
+    for row in rows:
+        shorter = [point["top1_mean"] for point in points if point["epochs_mean"] <= row["epochs_mean"] + 1e-9]
+        scores[row["schedule"]] = {
+            "regret": best["top1_mean"] - row["top1_mean"],
+            "waste": row["epochs_mean"] / shortest["epochs_mean"],
+            "envelope_deficit": max(shorter) - row["top1_mean"] if shorter else None,
+        }
+
+    def point(row):
+        return {"schedule": row["schedule"], "top1_mean": row["top1_mean"], "epochs_mean": row["epochs_mean"]}
+
+    return {"tolerance": tolerance, "best": point(best), "shortest_good": point(shortest), "scores": scores}
+
+
+def budget_percent(name: str) -> int:
+    """The share of the budget a frontier point's name says (NAME_PERCENT; the plain name: 100)."""
+    base, _, percent = name.rpartition("_")
+    return int(percent) if base and percent.isdigit() else 100
+
+
+def frontier_table(rows: list[dict]) -> str:
+    """The frontier's seed means: a line per family, a column per share of the budget run."""
+    families = list(dict.fromkeys(row["frontier"] for row in rows if row["frontier"]))
+    if not families:
+        return ""
+    cells = {(row["frontier"], budget_percent(row["schedule"])): row for row in rows if row["frontier"]}
+    percents = sorted({percent for _, percent in cells})
+    epochs = {}
+    for (family, percent), row in cells.items():  # the fixed-length points' epochs first
+        if family in FIXED_LENGTH or percent not in epochs:
+            epochs[percent] = row["epochs_mean"]
+    lines = ["| frontier | " + " | ".join(f"{p}% ({epochs[p]:.3g} epochs)" for p in percents) + " |",
+             "|---" * (1 + len(percents)) + "|"]
+    for family in families:
+        values = [cells.get((family, p)) for p in percents]
+        lines.append(f"| {family} | " + " | ".join(
+            f"{row['top1_mean']:.2f} ± {row['top1_sd']:.2f}" if row else "" for row in values) + " |")
+    return "\n".join(lines)
+
+
+def number(value, digits: int = 2, sign: bool = True) -> str:
+    """A table cell: `value` with `digits` decimals (a sign when `sign`), or "-" for None."""
+    return "-" if value is None else f"{value:{'+' if sign else ''}.{digits}f}"
+
+
+def envelope_table(rows: list[dict], names: list[str], envelope: dict) -> str:
+    """The envelope numbers of the rows `names` (AutoDecay's), a line each, with what they are measured from."""
+    chosen = [row for row in rows if row["schedule"] in names and row.get("regret") is not None]
+    if not envelope or not chosen:
+        return ""
+    best, shortest = envelope["best"], envelope["shortest_good"]
+    lines = ["| schedule | test top-1 (%) | epochs used | regret (points) | waste | envelope deficit (points) |",
+             "|---|---|---|---|---|---|"]
+    lines += [f"| {row['schedule']} | {row['top1_mean']:.2f} | {row['epochs_mean']:.1f} | {number(row['regret'])} "
+              f"| {number(row['waste'], sign=False)} | {number(row['envelope_deficit'])} |" for row in chosen]
+    lines += ["", f"best fixed-length point: {best['schedule']} ({best['top1_mean']:.2f}% in {best['epochs_mean']:g} "
+              f"epochs); the shortest within {envelope['tolerance']:g} points of it: {shortest['schedule']} "
+              f"({shortest['top1_mean']:.2f}% in {shortest['epochs_mean']:g} epochs)."]
+    return "\n".join(lines)
+
+
 def results_table(rows: list[dict]) -> str:
-    """The rows as a markdown table."""
+    """The rows as a markdown table (regret, waste and envelope deficit: see `envelope_scores`)."""
     lines = [
         "| schedule | runs | test top-1 (%) | epochs used | saved vs StepDecay | of the oracle's saving "
-        "| decays at epoch |",
-        "|---|---|---|---|---|---|---|",
+        "| regret | waste | envelope deficit | decays at epoch |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         spread = f" ± {row['top1_sd']:.2f}" if row["runs"] > 1 else ""
@@ -81,7 +165,9 @@ def results_table(rows: list[dict]) -> str:
         decays = "; ".join(", ".join(f"{at:.1f}" for at in run) or "-" for run in row["decay_epochs"])
         lines.append(
             f"| {row['schedule']} | {row['runs']} | {row['top1_mean']:.2f}{spread} | {row['epochs_mean']:.1f}"
-            f"{epochs_spread} | {row['saved_epochs']:.1f} ({row['saved_percent']:.0f}%) | {fraction} | {decays} |"
+            f"{epochs_spread} | {row['saved_epochs']:.1f} ({row['saved_percent']:.0f}%) | {fraction} "
+            f"| {number(row.get('regret'))} | {number(row.get('waste'), sign=False)} "
+            f"| {number(row.get('envelope_deficit'))} | {decays} |"
         )
     return "\n".join(lines)
 

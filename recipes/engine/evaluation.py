@@ -1,4 +1,5 @@
-"""Evaluation after an epoch: mean cross-entropy and top-1 accuracy on the task's test set(s)."""
+"""Evaluation after an epoch: mean cross-entropy and top-1 accuracy on the task's test set(s) and, when the
+task holds one out (`val_samples`), its validation split."""
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
@@ -44,7 +45,8 @@ def evaluate_dataset(model, dataset, streaming: bool, batch_size: int, workers: 
 
 
 def evaluate_all(model, task, cfg, accelerator) -> dict:
-    """test_loss and test_top1, plus test_top1_NAME for each of the task's extra test sets."""
+    """test_loss and test_top1, val_loss and val_top1 when the task has a validation split, and test_top1_NAME
+    for each of the task's extra test sets."""
     batch_size = cfg.eval_batch_size or min(cfg.batch_size, 1024)
     model = accelerator.unwrap_model(model)  # DDP's forward syncs buffers; processes may read unequal shares
     if isinstance(task, ImageTask):
@@ -53,6 +55,9 @@ def evaluate_all(model, task, cfg, accelerator) -> dict:
     device = accelerator.device
     loss, top1 = evaluate(model, task.test_inputs.to(device), task.test_targets.to(device), batch_size)
     results = {"test_loss": loss, "test_top1": top1}
+    if task.val_inputs is not None:
+        loss, top1 = evaluate(model, task.val_inputs.to(device), task.val_targets.to(device), batch_size)
+        results.update(val_loss=loss, val_top1=top1)
     for name, (inputs, targets) in task.extra_tests.items():
         results[f"test_top1_{name}"] = evaluate(model, inputs.to(device), targets.to(device), batch_size)[1]
     return results

@@ -10,7 +10,7 @@ Engine: one Accelerator per run (`mixed_precision`, any number of processes, `gr
 micro-batches per update, `full_batch` gradient descent), `save_state` into `output_dir/checkpoint` every
 `checkpoint_every` epochs, `resume` / `resume_from`, `stop_after_epoch` (a preemption), and
 `log_with: tensorboard`. Writes `metrics.jsonl` (a line per epoch), `summary.json` and
-`training_curves.png` into `cfg.output_dir`.
+`training_curves.png` into `cfg.output_dir`; `saved_run(cfg)` reads a finished run back from them.
 """
 import contextlib
 import dataclasses
@@ -265,6 +265,21 @@ def write_summary(run: Run, summary: dict) -> None:
             f"{cfg.schedule} seed {cfg.seed}: test top-1 {summary['test_top1']:.2f}% after {summary['epochs']:g} "
             f"epochs (decays at epoch {decays}), {summary['wall_seconds']:.0f} s, written to {run.output_dir}"
         )
+
+
+def saved_run(cfg) -> typing.Optional[dict]:
+    """The finished run `cfg` describes, as `train_run` returns it, read back from its `summary.json` and
+    `metrics.jsonl` in `cfg.output_dir`; None unless the run there is complete and had exactly this config."""
+    folder = Path(cfg.output_dir)
+    try:
+        summary = json.loads((folder / "summary.json").read_text())
+        lines = (folder / "metrics.jsonl").read_text().splitlines()
+    except (OSError, ValueError):
+        return None
+    curves = [json.loads(line) for line in lines]
+    same_config = summary.get("config") == json.loads(json.dumps(dataclasses.asdict(cfg)))
+    whole = bool(curves) and curves[-1]["updates"] == summary.get("updates")
+    return {**summary, "curves": curves} if summary.get("complete") and same_config and whole else None
 
 
 def train_run(cfg, schedule: Schedule = None) -> dict:

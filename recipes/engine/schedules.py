@@ -167,29 +167,45 @@ class WSD(FixedLength):
         return LambdaLR(optimizer, functools.partial(wsd_factor, length=self.length, cooldown=cooldown))
 
 
-class Plateau(Schedule):
-    """torch `ReduceLROnPlateau` on each epoch's mean training loss."""
+def metric_mode(metric: str) -> str:
+    """"min" for a metric whose name says loss, else "max" (as timm's train.py derives its plateau mode)."""
+    return "min" if "loss" in metric else "max"
 
-    def __init__(self, patience: int, decay_rate: float):
+
+class Plateau(Schedule):
+    """torch `ReduceLROnPlateau` on an epoch's `metric`: by default its mean training loss; an evaluation
+    metric (`val_top1`, `val_loss`) read from the epoch's results, its mode from its name."""
+
+    def __init__(self, patience: int, decay_rate: float, metric: str = "train_loss"):
         super().__init__()
-        self.patience, self.decay_rate = patience, decay_rate
+        self.patience, self.decay_rate, self.metric = patience, decay_rate, metric
 
     def start(self, optimizer, updates_per_epoch, total_updates):
-        self.scheduler = ReduceLROnPlateau(optimizer, factor=self.decay_rate, patience=self.patience)
+        self.scheduler = ReduceLROnPlateau(optimizer, mode=metric_mode(self.metric), factor=self.decay_rate,
+                                           patience=self.patience)
         super().start(optimizer, updates_per_epoch, total_updates)
 
     def after_epoch(self, epochs_done, train_loss, metrics):
-        self.scheduler.step(train_loss)
+        self.scheduler.step(train_loss if self.metric == "train_loss" else eval_value(metrics, self.metric))
         self.count_decay()
         return False
 
 
-class TimmPlateau(Plateau):
-    """timm's `PlateauLRScheduler` stepped as timm's `train.py` steps it: `step(epoch + 1, eval top-1)`,
-    mode max. Its whole inner `ReduceLROnPlateau` state is checkpointed (timm's own keeps `best` only)."""
+def eval_value(metrics: dict, metric: str) -> float:
+    """The epoch's `metric`; a missing one (no validation split) is a ConfigError naming the keys to set."""
+    if metric not in metrics:
+        raise ConfigError(f"eval_metric: no {metric!r} in the epoch's results (set val_samples to hold out a "
+                          f"validation split; results: {', '.join(metrics)})")
+    return metrics[metric]
 
-    def __init__(self, decay_rate: float, **plateau_settings):
-        super().__init__(plateau_settings.get("patience_t", 10), decay_rate)
+
+class TimmPlateau(Plateau):
+    """timm's `PlateauLRScheduler` stepped as timm's `train.py` steps it: `step(epoch + 1, eval metric)`, its
+    mode from the metric's name (train.py's eval metric is validation top-1: mode max). Its whole inner
+    `ReduceLROnPlateau` state is checkpointed (timm's own keeps `best` only)."""
+
+    def __init__(self, decay_rate: float, metric: str = "val_top1", **plateau_settings):
+        super().__init__(plateau_settings.get("patience_t", 10), decay_rate, metric)
         self.plateau_settings = plateau_settings
 
     def start(self, optimizer, updates_per_epoch, total_updates):
@@ -197,36 +213,46 @@ class TimmPlateau(Plateau):
             warnings.simplefilter("ignore", FutureWarning)
             from timm.scheduler.plateau_lr import PlateauLRScheduler
 
-            self.timm_scheduler = PlateauLRScheduler(optimizer, decay_rate=self.decay_rate, mode="max",
-                                                     **self.plateau_settings)
+            self.timm_scheduler = PlateauLRScheduler(optimizer, decay_rate=self.decay_rate,
+                                                     mode=metric_mode(self.metric), **self.plateau_settings)
         self.scheduler = self.timm_scheduler.lr_scheduler
         Schedule.start(self, optimizer, updates_per_epoch, total_updates)
 
     def after_epoch(self, epochs_done, train_loss, metrics):
-        self.timm_scheduler.step(epochs_done, metrics["test_top1"])
+        self.timm_scheduler.step(epochs_done, eval_value(metrics, self.metric))
         self.count_decay()
         return False
 
 
 class AutoDecay(Schedule):
     """`AutoDecayLR` given the run's shape and `settings` (decay_rate, num_stages, any detector setting),
-    stepped with every update's loss; the run ends when it finishes."""
+    stepped with every update's loss; the run ends when it finishes. With `eval_metric`, it also hears that
+    evaluation after every epoch (`step_eval`, `eval_mode` from the metric's name)."""
 
-    def __init__(self, **settings):
+    def __init__(self, eval_metric: str = "", **settings):
         super().__init__()
-        self.settings = settings
+        self.eval_metric, self.settings = eval_metric, settings
 
     def start(self, optimizer, updates_per_epoch, total_updates):
+        evaluation = {"eval_mode": metric_mode(self.eval_metric)} if self.eval_metric else {}
         self.scheduler = AutoDecayLR(optimizer, updates_per_epoch=updates_per_epoch, total_updates=total_updates,
-                                     **self.settings)
+                                     **evaluation, **self.settings)
         super().start(optimizer, updates_per_epoch, total_updates)
 
+    def count_stages(self) -> None:
+        """Every transition that decays (a step, or the start of the cooldown) has ended a stage; one call of
+        the scheduler may take two (`step_eval` first reads the losses not yet observed)."""
+        self.stage = sum(entry["action"] in ("decay", "cooldown") for entry in self.scheduler.history)
+
     def after_update(self, loss):
-        previous = self.scheduler.last_decision
         self.scheduler.step(loss)
-        decision = self.scheduler.last_decision
-        if decision is not previous and decision.action in ("decay", "cooldown"):
-            self.stage += 1
+        self.count_stages()
+        return self.scheduler.finished
+
+    def after_epoch(self, epochs_done, train_loss, metrics):
+        if self.eval_metric:
+            self.scheduler.step_eval(eval_value(metrics, self.eval_metric))
+            self.count_stages()
         return self.scheduler.finished
 
     def summary(self):

@@ -8,7 +8,8 @@ datasets read through `datasets` with timm's transforms.
 - `hub`: a `datasets` hub name or local path (e.g. `imagenet-1k`); `image_folder`: a folder with one
   sub-folder per split and one per class inside it.
 
-`make_task(cfg)` gives `TASKS[cfg.task]` restricted to `cfg.classes` and `cfg.train_subset` when set.
+`make_task(cfg)` gives `TASKS[cfg.task]` restricted to `cfg.classes`, with its last `cfg.val_samples` training
+samples held out as a validation split and its training set cut to `cfg.train_subset`, when set.
 """
 import dataclasses
 import functools
@@ -33,6 +34,8 @@ class TaskData:
     test_targets: torch.Tensor
     num_classes: int
     extra_tests: dict = field(default_factory=dict)  # name -> (inputs, targets): more test sets
+    val_inputs: typing.Optional[torch.Tensor] = None  # a validation split held out of the training set
+    val_targets: typing.Optional[torch.Tensor] = None
 
 
 @functools.cache
@@ -233,31 +236,49 @@ GENERATED_TASKS = ("mnist1d", "synthetic_patterns", "mnist1d_noisy")  # held in 
 
 
 def make_task(cfg):
-    """`TASKS[cfg.task]`, restricted to `cfg.classes` (relabelled 0..k-1 in that order) and to the first
-    `cfg.train_subset` training samples when set (generated tasks only)."""
+    """`TASKS[cfg.task]`, restricted to `cfg.classes` (relabelled 0..k-1 in that order), then its last
+    `cfg.val_samples` training samples held out as the validation split (labels as they are: noisy in
+    `mnist1d_noisy`), then cut to the first `cfg.train_subset` remaining training samples (generated tasks only)."""
     task = TASKS[cfg.task](cfg)
-    if not cfg.classes and not cfg.train_subset:
+    val_samples = getattr(cfg, "val_samples", 0)
+    if not cfg.classes and not cfg.train_subset and not val_samples:
         return task
     if isinstance(task, ImageTask):
-        key = "classes" if cfg.classes else "train_subset"
+        key = "classes" if cfg.classes else "train_subset" if cfg.train_subset else "val_samples"
         raise ConfigError(f"{key}: only for generated tasks ({', '.join(GENERATED_TASKS)})")
     if cfg.classes:
-        out_of_range = [c for c in cfg.classes if not 0 <= c < task.num_classes]
-        bad = out_of_range or sorted({c for c in cfg.classes if cfg.classes.count(c) > 1})
-        if bad:
-            raise ConfigError(f"classes: invalid value {bad} (distinct classes of 0..{task.num_classes - 1})")
-        relabel = torch.full((task.num_classes,), -1, dtype=torch.long)
-        relabel[cfg.classes] = torch.arange(len(cfg.classes))
-
-        def keep(inputs, targets):
-            mask = relabel[targets] >= 0
-            return inputs[mask], relabel[targets[mask]]
-
-        task = TaskData(*keep(task.train_inputs, task.train_targets), *keep(task.test_inputs, task.test_targets),
-                        len(cfg.classes), {name: keep(*pair) for name, pair in task.extra_tests.items()})
+        task = keep_classes(task, cfg.classes)
+    if val_samples:
+        task = hold_out_validation(task, val_samples)
     if cfg.train_subset:
         task = dataclasses.replace(task, train_inputs=task.train_inputs[: cfg.train_subset],
                                    train_targets=task.train_targets[: cfg.train_subset])
     return task
 
 
+def keep_classes(task: TaskData, classes: list) -> TaskData:
+    """The task restricted to `classes`, relabelled 0..k-1 in that order."""
+    out_of_range = [c for c in classes if not 0 <= c < task.num_classes]
+    bad = out_of_range or sorted({c for c in classes if classes.count(c) > 1})
+    if bad:
+        raise ConfigError(f"classes: invalid value {bad} (distinct classes of 0..{task.num_classes - 1})")
+    relabel = torch.full((task.num_classes,), -1, dtype=torch.long)
+    relabel[classes] = torch.arange(len(classes))
+
+    def keep(inputs, targets):
+        mask = relabel[targets] >= 0
+        return inputs[mask], relabel[targets[mask]]
+
+    return TaskData(*keep(task.train_inputs, task.train_targets), *keep(task.test_inputs, task.test_targets),
+                    len(classes), {name: keep(*pair) for name, pair in task.extra_tests.items()})
+
+
+def hold_out_validation(task: TaskData, val_samples: int) -> TaskData:
+    """The last `val_samples` training samples as the validation split, removed from the training set."""
+    train_size = len(task.train_targets)
+    if not 0 < val_samples < train_size:
+        raise ConfigError(f"val_samples: invalid value {val_samples} (1 to {train_size - 1}: the training set has "
+                          f"{train_size} samples)")
+    cut = train_size - val_samples
+    return dataclasses.replace(task, train_inputs=task.train_inputs[:cut], train_targets=task.train_targets[:cut],
+                               val_inputs=task.train_inputs[cut:], val_targets=task.train_targets[cut:])

@@ -18,7 +18,8 @@ class TrainConfig:
     num_samples: int = 10000  # size of a generated task (train + test)
     data_seed: int = 42  # seed of a generated task; fixed so that runs differ only by `seed`
     classes: list[int] = field(default_factory=list)  # generated tasks: keep these classes (relabelled 0..k-1)
-    train_subset: int = 0  # generated tasks: keep the first this many training samples (0: all)
+    val_samples: int = 0  # generated tasks: hold the last this many training samples out as a validation split
+    train_subset: int = 0  # generated tasks: keep the first this many training samples (0: all; after val_samples)
     model: str = field(default="mnist1d_cnn", metadata={"check": check_model})  # MODELS or timm
     pretrained: bool = False  # timm models: start from pretrained weights (needs the Hub or its cache)
     init_from: str = ""  # start from the model weights of this save_state folder (a fresh classifier if sizes differ)
@@ -33,6 +34,9 @@ class TrainConfig:
     patience: int = 10  # plateau: epochs without improvement of the training loss before a decay
     num_stages: int = 0  # autodecay: stages, the run ends after the last (0: AutoDecay's default); slope: 0 = 3
     decay_shape: str = field(default="", metadata={"choices": ("", "step", "cooldown")})  # autodecay ("": default)
+    # the metric the schedules that read an evaluation use (timm_plateau, plateau_eval, autodecay_eval): lower is
+    # better when its name says loss, else higher (as timm derives its plateau mode); needs val_samples
+    eval_metric: str = field(default="val_top1", metadata={"choices": ("val_top1", "val_loss")})
     schedule_updates: int = 0  # cosine, wsd: their length in updates, the run ends there (0: the budget)
     seed: int = 0  # model init and data order
     # image data read through `datasets` (task hub: a hub name or local path; task image_folder: a folder)
