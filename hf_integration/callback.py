@@ -61,6 +61,7 @@ from transformers.trainer_callback import ExportableState
 from transformers.utils import logging
 
 from timm_autodecay.detector import SETTINGS, Decision, StageDetector, check_float
+from timm_autodecay.settings import check_known
 from timm_autodecay.torch_scheduler import check_decay_rate
 
 from .eval_signal import (
@@ -108,9 +109,7 @@ class AutoDecayCallback(TrainerCallback, ExportableState):
         self.decay_rate = check_decay_rate(decay_rate)
         self.min_lr = check_float("min_lr", min_lr, 0.0)
         self.eval_signal = check_eval_signal(eval_signal)
-        unknown = sorted(set(settings) - set(SETTINGS))
-        if unknown:
-            raise ValueError(f"unknown AutoDecay setting(s) {unknown}; known: {sorted(SETTINGS)}")
+        check_known(settings, SETTINGS)
         shape = StageDetector.from_settings(settings).decay_shape  # validates every value now, naming the bad one
         if self.min_lr and shape != "cooldown":
             raise ValueError(f"min_lr={min_lr!r} is the floor a cooldown anneals to; it needs "
@@ -307,7 +306,7 @@ class AutoDecayCallback(TrainerCallback, ExportableState):
         """The step at which time alone ends the current stage (its share of the budget) or the cooldown."""
         detector = self.detector
         if detector.in_cooldown:
-            return detector.cooldown_start + detector.cooldown_updates
+            return detector.cooldown_end
         if detector.stage_budget is None:
             return None
         return max(detector.warmup_updates + 1, math.ceil(detector.stage_start + detector.stage_budget - 1e-9))

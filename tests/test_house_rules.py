@@ -96,3 +96,18 @@ def test_collecting_the_tests_imports_neither_timm_nor_transformers():
                             timeout=300)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]", f"imported while collecting: {result.stdout.strip()}"
+
+
+# A rule lives once: these facts have one definition, and every face asks it.
+DEFINED_ONCE = {
+    "the cooldown's end": ("cooldown_start + ", "timm_autodecay/detector.py"),
+    "the unknown-setting check": ("- set(known)", "timm_autodecay/settings.py"),
+    "the state version check": ("<= STATE_VERSION", "timm_autodecay/state.py"),
+}
+
+
+@pytest.mark.parametrize("fact", DEFINED_ONCE)
+def test_a_rule_is_defined_once(fact):
+    pattern, home = DEFINED_ONCE[fact]
+    found = [str(path.relative_to(ROOT)) for path in sources() if pattern in path.read_text()]
+    assert found == [home], f"{fact} ({pattern!r}) is written in {found}; ask {home} instead"

@@ -70,7 +70,7 @@ from . import state as saved_state
 from .evaluations import EvaluationSeries
 from .follows import FollowsDetector
 from .settings import (
-    COOLDOWN_CURVES, DECAY_SHAPES, DEFAULTS, EVAL_MODES, SETTINGS, check_choice, check_float, check_int,
+    COOLDOWN_CURVES, DECAY_SHAPES, DEFAULTS, EVAL_MODES, SETTINGS, check_choice, check_float, check_int, check_known,
 )
 from .state import STATE_VERSION, StateError, check_state_fields
 from .trend import fit_trend
@@ -128,9 +128,7 @@ class StageDetector:
     SETTINGS = SETTINGS
 
     def __init__(self, **settings: Any):
-        unknown = sorted(set(settings) - set(SETTINGS))
-        if unknown:
-            raise ValueError(f"unknown AutoDecay setting(s) {unknown}; known: {sorted(SETTINGS)}")
+        check_known(settings, SETTINGS)
         given = {**DEFAULTS, **settings}
         self.decay_shape = check_choice("decay_shape", given["decay_shape"], DECAY_SHAPES)
         self.cooldown_curve = check_choice("cooldown_curve", given["cooldown_curve"], COOLDOWN_CURVES)
@@ -212,13 +210,18 @@ class StageDetector:
         return self.cooldown_start is not None
 
     @property
+    def cooldown_end(self) -> Optional[int]:
+        """The update at which the cooldown ends and with it the run (None before the cooldown)."""
+        return None if self.cooldown_start is None else self.cooldown_start + self.cooldown_updates
+
+    @property
     def next_observation_in(self) -> int:
         """Updates until the detector next wants a value: its bucket is full, a budget boundary or
         the end of the cooldown is reached. Adapters that accumulate on a device read it back only then."""
         if self.finished:
             return 0
         if self.in_cooldown:
-            return max(1, self.cooldown_start + self.cooldown_updates - self.update)
+            return max(1, self.cooldown_end - self.update)
         due = self.bucket_size - self._bucket_count
         if self.update < self.warmup_updates:
             due = self.warmup_updates - self.update
@@ -384,7 +387,7 @@ class StageDetector:
         self._reset_stage()
 
     def _cooldown_step(self) -> Decision:
-        if self.update < self.cooldown_start + self.cooldown_updates:
+        if self.update < self.cooldown_end:
             return Decision("continue", self.stage, self.update, "cooldown")
         self.history.append({"update": self.update, "action": "finish", "stage": self.stage, "reason": "cooldown"})
         self.finished = True

@@ -281,8 +281,7 @@ def replay_file(path, column=None, eval_column=None, **settings) -> dict:
     if series.evals is not None:
         result["best_eval"] = detector.best_eval
     if detector.cooldown_start is not None:
-        end = detector.cooldown_start + detector.cooldown_updates
-        result["cooldown"] = {"start_update": detector.cooldown_start, "end_update": end,
+        result["cooldown"] = {"start_update": detector.cooldown_start, "end_update": detector.cooldown_end,
                               "updates": detector.cooldown_updates, "curve": detector.cooldown_curve,
                               "reached_end": detector.finished}
     return result

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, Optional, Sequence, Tuple
 
 DECAY_SHAPES = ("step", "cooldown")
 EVAL_MODES = ("min", "max")
@@ -47,6 +47,15 @@ def _plain(value: Any) -> Any:
     if isinstance(value, numbers.Real):
         return float(value)
     return value
+
+
+def check_known(given: Iterable[str], known: Iterable[str], what: str = "AutoDecay setting(s)",
+                error: type = ValueError, takes: str = "") -> None:
+    """The one check of names nobody knows (a typo in a keyword, a YAML key, a flag): ``error`` naming them
+    and what is known."""
+    unknown = sorted(set(given) - set(known))
+    if unknown:
+        raise error(f"unknown {what} {unknown}; {takes or 'known: ' + str(sorted(known))}")
 
 
 def check_int(name: str, value: Any, minimum: int, allow_none: bool = False) -> Optional[int]:

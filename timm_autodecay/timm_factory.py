@@ -39,6 +39,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from .detector import check_int
+from .settings import check_known
 from .timm_keys import FROM_RUN, PREFIX, RUN_KEYS, YAML_KEYS
 from .timm_loop import is_primary
 from .timm_state import STATE_FILE
@@ -113,9 +114,7 @@ def _check_keys(given: Any, allowed: Any, what: str) -> None:
         if key[len(PREFIX):] in FROM_RUN:
             raise ValueError(f"AutoDecay: {key} is not a setting: it is set from the run, by "
                              f"{FROM_RUN[key[len(PREFIX):]]}")
-    unknown = sorted(set(given) - set(allowed))
-    if unknown:
-        raise ValueError(f"AutoDecay: unknown {what} {unknown}; known: {sorted(allowed)}")
+    check_known(given, allowed, what)
 
 
 def autodecay_kwargs_from_cfg(cfg: Any) -> Dict[str, Any]:

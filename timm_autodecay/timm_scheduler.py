@@ -46,6 +46,7 @@ import torch
 from timm.scheduler.scheduler import Scheduler
 
 from .detector import SETTINGS, Decision, FollowsDetector, StageDetector, StateError, check_int
+from .settings import check_known
 from .timm_keys import FROM_RUN, PREFIX
 from .timm_loop import (LOSS, NONFINITE, AutoDecayFinished, RankLosses, RunningMeanDecoder, arm_stop,
                         check_evaluation, evaluation_over_ranks, is_primary)
@@ -153,10 +154,7 @@ class AutoDecayScheduler(FollowsDetector, Scheduler):
         for name in settings:
             if name in FROM_RUN:
                 raise ValueError(f"AutoDecay: {name} is set from the run, by {FROM_RUN[name]}")
-        unknown = sorted(set(settings) - set(SETTINGS))
-        if unknown:
-            known = sorted(set(SETTINGS) - set(FROM_RUN))
-            raise ValueError(f"AutoDecay: unknown detector setting(s) {unknown}; known: {known}")
+        check_known(settings, set(SETTINGS) - set(FROM_RUN), "AutoDecay detector setting(s)")
         unit = self.updates_per_epoch if t_in_epochs else 1
         if self.t_initial is not None and not self.warmup_prefix and self.warmup_t >= self.t_initial:
             raise ValueError(
@@ -321,7 +319,7 @@ class AutoDecayScheduler(FollowsDetector, Scheduler):
                 f"{self._stage_lr(decision.stage):.4g} {when}")
             return
         if decision.action == "cooldown":
-            end = self.detector.cooldown_start + self.detector.cooldown_updates
+            end = self.detector.cooldown_end
             _logger.info(
                 f"AutoDecay: the last stage ({decision.stage}) ended at update {decision.update} (epoch "
                 f"{epoch:.2f}, {decision.reason}); cooldown ({self.detector.cooldown_curve}) from LR "

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch.optim.lr_scheduler import LRScheduler
 
 from .detector import SETTINGS, Decision, FollowsDetector, StageDetector, check_float
+from .settings import check_known
 from .torch_state import check_scheduler_state, migrate_scheduler_state, scheduler_state
 
 __all__ = ["AutoDecayLR", "LossAccumulator", "check_decay_rate", "check_loss"]
@@ -375,10 +376,8 @@ def _check_extra_arguments(settings: Dict[str, Any]) -> None:
     if "last_epoch" in settings:
         raise TypeError("AutoDecayLR takes no last_epoch: to resume a run, build it as before and call "
                         "sched.load_state_dict(state) with the state saved in the checkpoint")
-    unknown = sorted(set(settings) - set(SETTINGS))
-    if unknown:
-        raise TypeError(f"AutoDecayLR got unexpected argument(s) {unknown}; it takes decay_rate, "
-                        f"warmup_start_factor, min_lr and the detector's settings {sorted(SETTINGS)}")
+    check_known(settings, SETTINGS, "argument(s) of AutoDecayLR", TypeError,
+                f"it takes decay_rate, warmup_start_factor, min_lr and the detector's settings {sorted(SETTINGS)}")
 
 
 class _Cadence:
