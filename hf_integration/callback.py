@@ -22,7 +22,8 @@ How it works
 * **Budget.** ``total_updates`` defaults to the Trainer's ``max_steps``, ``warmup_updates`` to its warmup
   steps: no stage outlasts its share of the steps after warmup (the cooldown's share set aside first).
 * **Finish.** When the last stage (or its cooldown) ends, ``should_training_stop`` and ``should_save`` are
-  set: training ends at that step with a checkpoint (unless ``save_strategy="no"``).
+  set: training ends at that step with a checkpoint (unless ``save_strategy="no"``); with the evaluation
+  signal on, ``should_evaluate`` too, so that ``load_best_model_at_end`` weighs the final model.
 * **Logs.** ``autodecay/stage`` (the stage the logged step ran in, like ``learning_rate``) is added to
   every loss log; ``autodecay/decision`` and ``autodecay/reason`` when a stage ends (the decay applies
   from the next step); ``autodecay/ignored`` on a log left out. They reach ``trainer.state.log_history``
@@ -336,6 +337,8 @@ class AutoDecayCallback(TrainerCallback, ExportableState):
             extra["autodecay/reason"] = decision.reason
         self._annotate(state, logs, extra)
         self._act(args, control, decision, extra["autodecay/stage"])
+        if decision.action == "finish" and self._eval is not None:
+            control.should_evaluate = True  # the final model is judged too, so load_best_model_at_end weighs it
         return control
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):

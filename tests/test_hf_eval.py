@@ -237,3 +237,11 @@ def test_a_damaged_eval_signal_in_the_saved_entry_is_refused_naming_the_key():
     entry["args"]["eval_signal"] = "yes"
     with pytest.raises(ValueError, match=r"args\.eval_signal.*eval_signal must be"):
         eval_run(AutoDecayCallback(), resume=(2 * EVAL_STEPS, json.dumps(entry)))
+
+
+def test_the_final_model_is_evaluated_so_load_best_model_at_end_weighs_it():
+    run = eval_run()
+    run.feed(falling_loss())
+    finish = run.callback.history[-1]
+    assert finish["action"] == "finish" and finish["update"] % EVAL_STEPS != 0  # not an evaluation step of its own
+    assert finish["update"] in run.evals and run.stopped

@@ -35,10 +35,11 @@ def test_the_held_out_accuracy_ends_the_run_early_while_the_training_loss_falls(
     assert last["action"] == "finish" and trainer.state.global_step == last["update"] < MAX_STEPS / 2
     assert (eval_run["out"] / f"checkpoint-{last['update']}").exists()
     evals = evaluations(trainer)
+    assert last["update"] in evals  # the final model is evaluated too, so load_best_model_at_end weighs it
     assert evals[first["update"]]["autodecay/decision"] == "cooldown"
     best = callback.best_eval
     assert best["value"] == max(e["eval_accuracy"] for e in evals.values())
-    assert first["update"] - best["update"] in range(150, 251, 50)  # eval_patience (3) evaluations, or one more
+    assert first["update"] - best["update"] in range(150, 301, 50)  # the rule's patience after the best
     # the Trainer kept the best model (load_best_model_at_end)
     assert trainer.state.best_model_checkpoint.endswith(f"checkpoint-{best['update']}")
     # the training loss kept falling: alone it would not have ended the stage there
