@@ -13,13 +13,20 @@ AutoDecay is judged paired by seed: against the better of cosine and WSD trained
 (the steps it used) on the same seed. Writes into `output_dir`: `results.json` (every run with its
 evaluations and training-loss log, the table rows, the paired comparison, the acceptance checks),
 `results.md` (the tables) and `pareto.png` (validation loss against steps, frontier lines).
+
+`mode: finetune` (recipes/finetune_benchmark.py, recipes/configs/finetune_benchmark.yaml) is the second
+domain, run by its own entry point on this machinery: the model is pre-trained once on the corpus, then
+fine-tuned on English prose (`lm_task.read_finetune_text`) from those weights, evaluated every `eval_every`
+steps on a validation split; each row is scored by the test loss of the model the user is handed, against
+the cosine/WSD frontier at `frontier_fractions` of the budget: regret, waste and envelope deficit
+(`lm_report.frontier_metrics`).
 """
 import json
 import shutil
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Callable, Optional
@@ -27,7 +34,7 @@ from typing import Callable, Optional
 from engine.config import load_config
 from lm_report import acceptance, paired_rows, plot_pareto, table_rows, write_results
 from lm_runs import LMTask, RunSpec, lr_multipliers, shared_prefix, train_run
-from lm_task import read_corpus
+from lm_task import TopicsSplit, read_corpus
 from tqdm.auto import tqdm
 
 
@@ -69,6 +76,39 @@ PEERS = {
                                                          "lr_scheduler_type": "constant"}},
                          lengths="evaluated"),
 }
+SCRATCH_PEERS = tuple(PEERS)  # the LM benchmark's (mode: scratch); the fine-tuning peers follow
+
+
+def _evaluated(cfg: "LMBenchmarkConfig", best: bool = True, **trainer) -> dict:
+    """Trainer settings: an evaluation on the validation split every `eval_every` steps; with `best`, a
+    checkpoint at each and the best one's model handed back at the end (load_best_model_at_end)."""
+    settings = {"eval_strategy": "steps", "eval_steps": cfg.eval_every, **trainer}
+    if best:
+        settings.update(save_strategy="steps", save_steps=cfg.eval_every, save_total_limit=2,
+                        metric_for_best_model="loss", load_best_model_at_end=True)
+    return {"trainer": settings}
+
+
+PEERS.update({
+    "autodecay_eval": Peer("AutoDecayCallback() with evaluations as its docs pair them (eval_strategy='steps', "
+                           "metric_for_best_model='loss', load_best_model_at_end=True): the validation loss also "
+                           "ends the stable phase; the best checkpoint is handed back",
+                           lambda cfg, steps: {"autodecay": {}, **_evaluated(cfg)}),
+    "autodecay_loss": Peer("the same TrainingArguments with AutoDecayCallback(eval_signal=False): the training loss "
+                           "alone ends the stable phase; the best checkpoint is handed back",
+                           lambda cfg, steps: {"autodecay": {"eval_signal": False}, **_evaluated(cfg)}),
+    "linear": Peer("the Trainer's default schedule (linear to 0 at the budget, same warmup), evaluated but the final "
+                   "model handed back: a user who sets nothing",
+                   lambda cfg, steps: _evaluated(cfg, best=False, lr_scheduler_type="linear")),
+    "linear_es": Peer("linear + EarlyStoppingCallback(early_stopping_patience) + load_best_model_at_end: the "
+                      "Trainer's own answer to overfitting",
+                      lambda cfg, steps: {**_evaluated(cfg, lr_scheduler_type="linear"),
+                                          "early_stopping": cfg.early_stopping_patience}),
+    "greedy": Peer("the Trainer's lr_scheduler_type='greedy' (GreedyLR: x factor after `patience` evaluations "
+                   "without a new best, / factor after as many with; no warmup), greedy_kwargs, final model",
+                   lambda cfg, steps: _evaluated(cfg, best=False, lr_scheduler_type="greedy",
+                                                 lr_scheduler_kwargs=cfg.greedy_kwargs, metric_for_best_model="loss")),
+})
 
 
 # ----------------------------------------------------------------------------------------------
@@ -78,6 +118,7 @@ PEERS = {
 class LMBenchmarkConfig:
     """The task (pinned), the comparison, and how many runs at once."""
 
+    mode: str = field(default="scratch", metadata={"choices": ("scratch", "finetune")})
     files: list[str] = field(default_factory=list)  # the corpus: modules of corpus_dir, in this order
     corpus_sha256: str = ""
     corpus_dir: str = ""  # empty: this Python's standard-library folder
@@ -99,7 +140,7 @@ class LMBenchmarkConfig:
     wsd_decay_type: str = field(default="1-sqrt", metadata={"choices": ("1-sqrt", "linear", "cosine")})
     step_milestones: list[int] = field(default_factory=lambda: [667, 1333])
     decay_rate: float = 0.1
-    schedules: list[str] = field(default_factory=lambda: list(PEERS), metadata={"choices": tuple(PEERS)})
+    schedules: list[str] = field(default_factory=lambda: list(SCRATCH_PEERS), metadata={"choices": tuple(PEERS)})
     frontier: list[str] = field(default_factory=lambda: ["cosine", "wsd"], metadata={"choices": tuple(PEERS)})
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     checkpoint_every: int = 80
@@ -108,6 +149,24 @@ class LMBenchmarkConfig:
     max_paired_deficit: float = 0.01  # nats per character: the acceptance threshold
     jobs: int = 2
     output_dir: str = "runs/lm_benchmark"
+    # mode: finetune. The corpus and model keys above describe the pre-training; lr, warmup_steps and
+    # budget_steps the fine-tuning
+    finetune_sha256: str = ""  # pins pydoc_data.topics' text
+    finetune_block: int = 1024
+    finetune_every: int = 5  # in each group of blocks: the last is test, the one before validation
+    finetune_train_chars: int = 98_304
+    finetune_validation_chars: int = 32_768
+    finetune_test_chars: int = 32_768
+    pretrain_schedule: str = field(default="cosine", metadata={"choices": ("cosine", "wsd")})
+    pretrain_steps: int = 2000
+    pretrain_lr: float = 2e-3
+    pretrain_warmup_steps: int = 40
+    eval_every: int = 50  # evaluations on the validation split
+    early_stopping_patience: int = 3
+    greedy_kwargs: dict = field(default_factory=dict)  # GreedyLR's arguments (lr_scheduler_kwargs)
+    waste_tolerance: float = 0.01  # nats: "as good as the best fixed length", for waste
+    max_envelope_deficit: float = 0.01  # nats: the acceptance threshold
+    docs_figure: str = ""  # where to copy pareto.png too ("": nowhere)
 
 
 def check_config(cfg: LMBenchmarkConfig) -> None:
@@ -118,11 +177,33 @@ def check_config(cfg: LMBenchmarkConfig) -> None:
         raise ValueError(f"frontier_fractions must lie in (0, 1], got {cfg.frontier_fractions}")
     if not 0 < cfg.warmup_steps < min(frontier_budgets(cfg)):
         raise ValueError(f"warmup_steps={cfg.warmup_steps} must be positive and below every frontier budget")
+    if cfg.mode == "finetune":
+        if not cfg.finetune_sha256:
+            raise ValueError("finetune_sha256 pins the fine-tuning text: give it (recipes/configs/"
+                             "finetune_benchmark.yaml)")
+        if cfg.eval_every < 1 or not 0 < cfg.pretrain_warmup_steps < cfg.pretrain_steps:
+            raise ValueError(f"eval_every={cfg.eval_every} must be positive and pretrain_warmup_steps="
+                             f"{cfg.pretrain_warmup_steps} in (0, pretrain_steps={cfg.pretrain_steps})")
 
 
 def task_of(cfg: LMBenchmarkConfig) -> LMTask:
-    values = {f.name: getattr(cfg, f.name) for f in fields(LMTask)}
-    return LMTask(**{**values, "files": tuple(cfg.files)})
+    """What every run shares; fine-tuning: the text's splits and the pre-trained model's folder too."""
+    values = {f.name: getattr(cfg, f.name) for f in fields(LMTask) if hasattr(cfg, f.name)}
+    task = LMTask(**{**values, "files": tuple(cfg.files)})
+    if cfg.mode != "finetune":
+        return task
+    split = TopicsSplit(cfg.finetune_sha256, cfg.finetune_block, cfg.finetune_every, cfg.finetune_train_chars,
+                        cfg.finetune_validation_chars, cfg.finetune_test_chars)
+    return replace(task, finetune=split, init_from=str(pretrained_dir(cfg)))
+
+
+def pretrained_dir(cfg: LMBenchmarkConfig) -> Path:
+    return Path(cfg.output_dir) / "pretrained"
+
+
+def score_key(cfg: LMBenchmarkConfig) -> str:
+    """What a run is judged by: the validation loss from scratch, the handed model's test loss fine-tuning."""
+    return "test_loss" if cfg.mode == "finetune" else "val_loss"
 
 
 def frontier_budgets(cfg: LMBenchmarkConfig) -> list[int]:
@@ -277,8 +358,9 @@ def train_all(cfg: LMBenchmarkConfig) -> list[dict]:
             (folder / "result.json").write_text(json.dumps(record) + "\n")
             bar.total += added
             bar.update()
-            bar.write(f"seed {result['seed']} {result['label']}: val loss {result['val_loss']:.4f} nats/char at "
-                      f"step {result['steps']} ({result['wall_seconds']:.0f} s)")
+            score = score_key(cfg)
+            bar.write(f"seed {result['seed']} {result['label']}: {score.replace('_', ' ')} {result[score]:.4f} "
+                      f"nats/char at step {result['steps']} ({result['wall_seconds']:.0f} s)")
     if not cfg.keep_checkpoints:
         for seed in cfg.seeds:
             for folder in trunk_dir(cfg, seed).glob("checkpoint-*"):
@@ -290,6 +372,8 @@ def main(argv=None) -> dict:
     cfg = load_config(LMBenchmarkConfig, argv, description=__doc__)
     started = time.perf_counter()
     try:  # the settings and the pinned corpus, checked before any run starts
+        if cfg.mode != "scratch":
+            raise ValueError(f"mode={cfg.mode}: run recipes/finetune_benchmark.py with this config")
         check_config(cfg)
         read_corpus(cfg.corpus_dir, cfg.files, cfg.corpus_sha256, cfg.validation_chars, cfg.validation_block,
                     cfg.validation_every)

@@ -7,18 +7,24 @@ checkpoint every `save_every` steps) or a branch resumed from one of the trunk's
 the same learning rate up to the branch point (`shared_prefix` checks it on the schedules themselves), the
 data order is a function of the step, and the Trainer restores the model, AdamW's moments, the
 scheduler's step and the RNG. So WSD at four budgets costs one trunk plus four cooldowns.
+
+Fine-tuning (a task with `finetune` and `init_from`): the model starts from the pre-trained weights, trains
+on the fine-tuning text's training split, evaluates on its validation split (every `eval_steps`, as the
+spec's Trainer settings say), and the model the user is handed (the final one, or with
+`load_best_model_at_end` the best checkpoint's) is scored on the test split, which no schedule reads.
 """
 import functools
 import json
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
 import torch
-from lm_task import TrainWindows, ValidationWindows, make_model, read_corpus
+from lm_task import TopicsSplit, TrainWindows, ValidationWindows, make_model, read_corpus, read_finetune_text
 from torch.optim.lr_scheduler import LambdaLR
-from transformers import Trainer, TrainerCallback, TrainingArguments, get_scheduler
+from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments, get_scheduler
 from transformers.trainer_callback import PrinterCallback
 
 from hf_integration import AutoDecayCallback
@@ -46,6 +52,8 @@ class LMTask:
     warmup_steps: int
     budget_steps: int
     logging_steps: int
+    finetune: Optional[TopicsSplit] = None  # fine-tuning: the text and its splits (the corpus: the vocabulary)
+    init_from: Optional[str] = None  # fine-tuning: the pre-trained model's folder
 
 
 @dataclass(frozen=True)
@@ -62,6 +70,8 @@ class RunSpec:
     save_every: int = 0  # the trunk: a checkpoint every this many steps
     resume_from: Optional[str] = None  # a trunk checkpoint folder to continue from
     label: str = ""  # e.g. "cosine@800"
+    early_stopping: int = 0  # EarlyStoppingCallback's patience in evaluations; 0: none
+    save_model: bool = False  # save the final model into output_dir (the pre-trained model)
 
 
 def step_decay_factor(step: int, warmup_steps: int, milestones: tuple, decay_rate: float) -> float:
@@ -125,11 +135,30 @@ def shared_prefix(branch: list[float], trunk: list[float]) -> int:
 
 @functools.lru_cache(maxsize=2)
 def load_data(task: LMTask, seed: int):
-    """The seed's training windows (budget_steps x batch_size, read in order) and the validation set."""
+    """The vocabulary's size, the seed's training windows (budget_steps x batch_size, read in order), the
+    validation set and, when fine-tuning, the test set (else None)."""
     corpus = read_corpus(task.corpus_dir, list(task.files), task.corpus_sha256, task.validation_chars,
                          task.validation_block, task.validation_every)
-    train = TrainWindows(corpus.train, task.context, task.budget_steps * task.batch_size, seed)
-    return corpus, train, ValidationWindows(corpus.validation, task.context)
+    train, validation, test = corpus.train, corpus.validation, None
+    if task.finetune is not None:
+        text = read_finetune_text(corpus.vocabulary, task.finetune)
+        train, validation, test = text.train, text.validation, ValidationWindows(text.test, task.context)
+    windows = TrainWindows(train, task.context, task.budget_steps * task.batch_size, seed)
+    return len(corpus.vocabulary), windows, ValidationWindows(validation, task.context), test
+
+
+def initial_model(task: LMTask, seed: int, vocab_size: int):
+    """A fresh GPT-2 from the seed, or the pre-trained one when fine-tuning."""
+    if task.init_from is None:
+        return make_model(vocab_size, task.context, task.n_layer, task.n_embd, task.n_head, seed)
+    from transformers import GPT2LMHeadModel
+
+    model = GPT2LMHeadModel.from_pretrained(task.init_from)
+    if model.config.vocab_size != vocab_size:
+        raise ValueError(f"the model in {task.init_from} has {model.config.vocab_size} characters, the corpus "
+                         f"{vocab_size}: it was not pre-trained on this corpus")
+    model.loss_type = "ForCausalLM"
+    return model
 
 
 def training_arguments(spec: RunSpec, task: LMTask) -> TrainingArguments:
@@ -147,17 +176,19 @@ def training_arguments(spec: RunSpec, task: LMTask) -> TrainingArguments:
 
 def train_run(task: LMTask, spec: RunSpec) -> dict:
     """Train one run, evaluate at `evaluate_at` and at its last step; the validation loss (nats per
-    character) at each, the training-loss log, AutoDecay's decisions, and the wall time."""
+    character) at each, the training-loss log, AutoDecay's decisions, and the wall time. Fine-tuning: also
+    the test loss of the model the user is handed (`handed_scores`)."""
     started, cpu_started = time.perf_counter(), time.process_time()
     torch.set_num_threads(1)
-    corpus, train, validation = load_data(task, spec.seed)
-    model = make_model(len(corpus.vocabulary), task.context, task.n_layer, task.n_embd, task.n_head, spec.seed)
+    vocab_size, train, validation, test = load_data(task, spec.seed)
     callbacks = [EvaluateAt(s for s in spec.evaluate_at if s < spec.max_steps)]
     autodecay = AutoDecayCallback(**spec.autodecay) if spec.autodecay is not None else None
     if autodecay is not None:
         callbacks.append(autodecay)
-    kwargs = dict(model=model, args=training_arguments(spec, task), train_dataset=train,
-                  eval_dataset=validation, callbacks=callbacks)
+    if spec.early_stopping:
+        callbacks.append(EarlyStoppingCallback(early_stopping_patience=spec.early_stopping))
+    kwargs = dict(model=initial_model(task, spec.seed, vocab_size), args=training_arguments(spec, task),
+                  train_dataset=train, eval_dataset=validation, callbacks=callbacks)
     if spec.milestones:
         lr_lambda = functools.partial(step_decay_factor, warmup_steps=task.warmup_steps,
                                       milestones=spec.milestones, decay_rate=spec.decay_rate)
@@ -166,13 +197,17 @@ def train_run(task: LMTask, spec: RunSpec) -> dict:
         trainer = Trainer(**kwargs)
     trainer.remove_callback(PrinterCallback)  # the benchmark prints one line per run instead
     trainer.train(resume_from_checkpoint=spec.resume_from)
+    if spec.save_model:
+        trainer.save_model(spec.output_dir)
     history = trainer.state.log_history
-    if not any(entry.get("step") == trainer.state.global_step and "eval_loss" in entry for entry in history):
+    scores = handed_scores(trainer, test, spec) if test is not None else {}
+    if test is None and not any(e.get("step") == trainer.state.global_step and "eval_loss" in e for e in history):
         trainer.evaluate()
     evals = [{"step": e["step"], "val_loss": e["eval_loss"]} for e in history if "eval_loss" in e]
     return {
         "peer": spec.peer, "label": spec.label or spec.peer, "seed": spec.seed, "max_steps": spec.max_steps,
-        "steps": trainer.state.global_step, "val_loss": evals[-1]["val_loss"], "evals": evals,
+        "steps": trainer.state.global_step, "val_loss": evals[-1]["val_loss"] if evals else None, "evals": evals,
+        **scores,
         "train_log": [{"step": e["step"], "loss": e["loss"], "lr": e.get("learning_rate")}
                       for e in history if "loss" in e],
         "autodecay": autodecay.history if autodecay is not None else None,
@@ -181,6 +216,32 @@ def train_run(task: LMTask, spec: RunSpec) -> dict:
         "evaluate_at": list(spec.evaluate_at),
         "wall_seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu_started,
     }
+
+
+def handed_scores(trainer: Trainer, test: ValidationWindows, spec: RunSpec) -> dict:
+    """Fine-tuning: the validation and test loss of the model the user is handed (with
+    load_best_model_at_end, the best checkpoint's; else the final one) and, where the Trainer swapped in the
+    best checkpoint, the test loss of the last model too (what the cooldown ended with). Then the run's
+    checkpoints are removed (not the trunk's: branches resume from them)."""
+    evaluated = [e for e in trainer.state.log_history if "eval_loss" in e]  # during training, before this
+    handed = trainer.evaluate(test, metric_key_prefix="test")["test_loss"]
+    best = trainer.state.best_model_checkpoint if trainer.args.load_best_model_at_end else None
+    scores = {"test_loss": handed, "test_predictions": test.predictions, "best_step": None, "last_test_loss": None,
+              "handed_val_loss": evaluated[-1]["eval_loss"] if evaluated else None}
+    if best is not None:
+        scores["best_step"] = _checkpoint_step(best)
+        scores["handed_val_loss"] = trainer.state.best_metric
+        last = Path(trainer.args.output_dir) / f"checkpoint-{trainer.state.global_step}"
+        if last.is_dir() and str(last) != best:
+            trainer.model = trainer.model_wrapped = type(trainer.model).from_pretrained(last)
+            scores["last_test_loss"] = trainer.evaluate(test, metric_key_prefix="last")["last_loss"]
+        else:
+            scores["last_test_loss"] = handed
+    trainer.state.log_history[:] = [e for e in trainer.state.log_history if not {"test_loss", "last_loss"} & set(e)]
+    if not spec.save_every:
+        for folder in Path(trainer.args.output_dir).glob("checkpoint-*"):
+            shutil.rmtree(folder)
+    return scores
 
 
 def _checkpoint_step(folder: Optional[str]) -> Optional[int]:
