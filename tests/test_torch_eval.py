@@ -94,6 +94,14 @@ def test_resuming_mid_run_is_exact_with_the_evaluation_state(stop_at):
     assert first + rest == unbroken and sched.history[0]["reason"] == "evaluation"
 
 
+def test_a_skipped_evaluation_changes_nothing():
+    optimizer, sched = make()
+    train(optimizer, sched, stop=5 * EVERY)
+    before = sched.state_dict()
+    sched.step_eval(None)
+    assert sched.state_dict() == before
+
+
 @pytest.mark.parametrize("value, error, words", [
     ("0.9", TypeError, "evaluation result must be a float or a 0-dim tensor, got str"),
     (torch.ones(2), ValueError, "evaluation result must be a scalar"),

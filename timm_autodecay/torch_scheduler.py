@@ -279,10 +279,13 @@ class AutoDecayLR(FollowsDetector, LRScheduler):
             if self.cooldown_lrs is not None:
                 self._cool_down()
 
-    def step_eval(self, value: Union[float, torch.Tensor]) -> None:
+    def step_eval(self, value: Union[float, torch.Tensor, None]) -> None:
         """Record one evaluation result (a float or 0-dim tensor; ``eval_mode`` says which way is better):
         the stable phase also ends once the held-out metric has stopped improving. Call it after each
-        evaluation, on every rank: ranks decide on the mean of their values."""
+        evaluation, on every rank: ranks decide on the mean of their values. ``None`` (an evaluation that was
+        skipped, as timm's ``train.py`` passes it) changes nothing."""
+        if value is None:
+            return
         value = check_loss(value, "evaluation result")
         if self.detector.finished:
             self.detector.observe_eval(_mean_over_ranks(value))
