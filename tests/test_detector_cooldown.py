@@ -101,3 +101,18 @@ def test_the_step_shape_never_cools_down():
     decisions, lrs = run_to_finish(detector, [2.0 - i / 1e4 for i in range(300)])
     assert decisions == [(100, "decay"), (200, "decay"), (300, "finish")]
     assert lrs[-1] == pytest.approx(0.01) and not detector.in_cooldown
+
+
+@pytest.mark.parametrize("budget", range(2, 13))
+def test_a_tiny_budget_is_a_hard_bound_and_still_cools_down(budget):
+    detector = StageDetector(total_updates=budget)
+    updates = 0
+    while not detector.finished:
+        detector.observe(1.0)
+        updates += 1
+    assert updates == budget and detector.cooldown_end == budget and detector.cooldown_updates >= 1
+
+
+def test_a_budget_of_one_update_leaves_no_cooldown_and_says_so():
+    with pytest.raises(ValueError, match="total_updates=1"):
+        StageDetector(total_updates=1)

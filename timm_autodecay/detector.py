@@ -159,6 +159,8 @@ class StageDetector:
         if self.total_updates is None:
             return None
         stable = self.total_updates * (1.0 - self.cooldown_fraction if self.decay_shape == "cooldown" else 1.0)
+        if self.decay_shape == "cooldown":  # the cooldown gets an update at least: the budget is a hard bound
+            stable = min(stable, self.total_updates - 1)
         if self.warmup_updates >= stable:
             what = "total_updates" if self.decay_shape == "step" else "the budget before the cooldown"
             raise ValueError(f"warmup_updates ({self.warmup_updates}) must be smaller than {what} "
