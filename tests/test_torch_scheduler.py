@@ -236,3 +236,14 @@ def test_the_scheduler_pickles_and_deep_copies():
 def test_a_budget_given_in_epochs_warns_with_the_updates_it_meant():
     with pytest.warns(RuntimeWarning, match="total_updates=9000"):
         AutoDecayLR(make_optimizer(), total_updates=90, updates_per_epoch=100, decay_shape="step")
+
+
+def test_a_second_autodecaylr_on_the_same_optimizer_warns():
+    optimizer = make_optimizer()
+    first = AutoDecayLR(optimizer, **SETTINGS)
+    with pytest.warns(RuntimeWarning, match="already has an AutoDecayLR"):
+        AutoDecayLR(optimizer, **SETTINGS)
+    del first
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        AutoDecayLR(make_optimizer(), **SETTINGS)  # another optimizer: no warning

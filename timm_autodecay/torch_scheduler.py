@@ -233,6 +233,7 @@ class AutoDecayLR(FollowsDetector, LRScheduler):
                 raise ValueError(f"warmup_start_factor={warmup_start_factor!r} needs warmup_updates > 0 and a "
                                  "factor in (0, 1]")
         self.optimizer = optimizer
+        _claim(optimizer, self)
         for group in optimizer.param_groups:
             group.setdefault("initial_lr", float(group["lr"]))
         self.base_lrs: List[float] = [float(group["initial_lr"]) for group in optimizer.param_groups]
@@ -373,6 +374,16 @@ class AutoDecayLR(FollowsDetector, LRScheduler):
         for group, lr in zip(self.optimizer.param_groups, state["lrs"]):
             _set_lr(group, float(lr))
         self._last_lr = self._current_lrs()
+
+
+def _claim(optimizer: Any, sched: "AutoDecayLR") -> None:
+    """Warns when another AutoDecayLR still drives this optimizer: stepping both would apply each decay twice."""
+    inner = _innermost(optimizer)
+    other = getattr(inner, "_autodecay_scheduler", None)
+    if other is not None and other() is not None:
+        warnings.warn("this optimizer already has an AutoDecayLR: stepping both applies every decay twice. Keep "
+                      "one (to resume, build it once and call load_state_dict)", RuntimeWarning, stacklevel=3)
+    inner._autodecay_scheduler = weakref.ref(sched)
 
 
 def _check_extra_arguments(settings: Dict[str, Any]) -> None:
