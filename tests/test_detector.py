@@ -180,6 +180,7 @@ def test_loading_state_with_other_settings_is_refused():
         ({"min_progress": 1.5}, "1.5"),
         ({"decay_shape": "linear"}, "linear"),
         ({"cooldown_fraction": 0.0}, "cooldown_fraction"),
+        ({"cooldown_fraction": 0.99}, r"cooldown_fraction must be in \(0, 0.5\], got 0.99"),
         ({"cooldown_curve": "sqrt"}, "sqrt"),
         ({"num_stages": 4, "total_updates": 3}, "num_stages"),
         ({"num_stages": 2.5}, "2.5"),

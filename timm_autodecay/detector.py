@@ -89,6 +89,7 @@ DEFAULT_STAGES = {"step": 3, "cooldown": 1}
 # stable phase, so its window is 2.4 times longer (4.8 epochs of a 30-epoch run, not 2) and averages that
 # wander out by itself.
 DEFAULT_FIRST_STAGE_PATIENCE = {"step": 0.4, "cooldown": 0.0}
+MAX_COOLDOWN_FRACTION = 0.5  # WSD's cooldowns are 10-20% of the run; past half, the stable phase is the tail
 ROUNDING = 1e-9  # budget shares are fractions of updates; compare them with this slack
 
 
@@ -133,8 +134,10 @@ class StageDetector:
         self.decay_shape = check_choice("decay_shape", given["decay_shape"], DECAY_SHAPES)
         self.cooldown_curve = check_choice("cooldown_curve", given["cooldown_curve"], COOLDOWN_CURVES)
         self.cooldown_fraction = check_float("cooldown_fraction", given["cooldown_fraction"], 0.0, 1.0)
-        if self.cooldown_fraction == 0.0:
-            raise ValueError("cooldown_fraction must be in (0, 1), got 0.0")
+        if not 0.0 < self.cooldown_fraction <= MAX_COOLDOWN_FRACTION:
+            raise ValueError(f"cooldown_fraction must be in (0, {MAX_COOLDOWN_FRACTION}], got "
+                             f"{self.cooldown_fraction!r}: the cooldown is that share of the whole run, so above "
+                             "half of it a short stable phase (a few losses) would set the run's length")
         stages = given["num_stages"]
         self.num_stages = DEFAULT_STAGES[self.decay_shape] if stages is None else check_int("num_stages", stages, 1)
         self.total_updates = check_int("total_updates", given["total_updates"], 1, allow_none=True)

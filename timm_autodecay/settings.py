@@ -26,7 +26,7 @@ SETTINGS: Dict[str, Tuple[type, Any, str]] = {
                                           "(default: 0.4 with the step shape, 0 with the cooldown)"),
     "decay_shape": (str, "cooldown", "what ends the last stage: 'cooldown' (anneal the LR to its floor, then "
                                      "finish) or 'step' (the paper's schedule: finish at once)"),
-    "cooldown_fraction": (float, 0.2, "share of the whole run the cooldown takes (WSD's decay fraction)"),
+    "cooldown_fraction": (float, 0.2, "share of the whole run the cooldown takes (WSD's decay fraction; at most 0.5)"),
     "cooldown_curve": (str, "1-sqrt", "the cooldown's shape: '1-sqrt', 'linear' or 'cosine'"),
     "eval_mode": (str, "min", "direction of the evaluation metric, when one is given: 'min' (a loss) or 'max' "
                               "(an accuracy)"),
