@@ -114,3 +114,11 @@ def test_bad_config_keys_are_rejected_by_scheduler_kwargs():
     assert "autodecay_windw" not in timm_scheduler.scheduler_kwargs(make_args(sched="step", autodecay_windw=3))
 
 
+
+
+def test_a_warmup_that_leaves_no_stable_phase_names_train_pys_flags():
+    timm_scheduler = import_timm_scheduler()
+    optimizer = torch.optim.SGD(Toy().parameters(), lr=BASE_LR)
+    args = make_args(epochs=5, warmup_epochs=4)
+    with pytest.raises(ValueError, match=r"--epochs .*--warmup-epochs .*warmup_updates \(4"):
+        timm_scheduler.create_scheduler_v2(optimizer, **timm_scheduler.scheduler_kwargs(args), updates_per_epoch=UPE)

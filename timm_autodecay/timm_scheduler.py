@@ -169,6 +169,8 @@ class AutoDecayScheduler(FollowsDetector, Scheduler):
         except (TypeError, ValueError) as error:
             name = str(error).split(" ", 1)[0]
             key = f" (config key {PREFIX}{name})" if name in SETTINGS and name not in FROM_RUN else ""
+            flags = [flag for setting, flag in FROM_RUN.items() if setting in str(error)]
+            key = key or (f" (from {'; '.join(flags)})" if flags else "")
             raise ValueError(f"AutoDecay: bad setting{key}: {error}") from None
 
     # -- the schedule ------------------------------------------------------------------------
