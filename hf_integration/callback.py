@@ -210,13 +210,14 @@ class AutoDecayCallback(TrainerCallback, ExportableState):
         self._training = True
         if state.is_local_process_zero:
             self._explain_eval_signal(args)
-        if self.detector.finished:
+        if self.detector.finished:  # resumed from the checkpoint the run finished at: nothing is left to train
             warnings.warn(
-                f"AutoDecayCallback: the last stage already ended at step {self.detector.update}; "
-                "training continues at the final learning rate without further decisions",
+                f"AutoDecayCallback: this run already finished at step {self.detector.update} (its last stage and "
+                "cooldown had ended); training stops, the checkpoint is the final model",
                 UserWarning,
                 stacklevel=2,
             )
+            control.should_training_stop = True
 
     def _explain_eval_signal(self, args) -> None:
         """At train start: where the final model may be past the best evaluation, or eval settings go unused."""

@@ -131,3 +131,17 @@ def test_trying_an_older_checkpoint_leaves_a_later_one_resumable(tmp_path):
     for step in (s for s in full_logs if s > later):
         assert resumed_logs[step]["loss"] == full_logs[step]["loss"]
         assert resumed_logs[step]["learning_rate"] == full_logs[step]["learning_rate"]
+
+
+def test_resuming_the_checkpoint_a_run_finished_at_trains_nothing_more():
+    from hf_integration import AutoDecayCallback
+
+    full = EventRun(AutoDecayCallback(), max_steps=MAX_STEPS, save_steps=MAX_STEPS)
+    full.feed(plateau_stream())
+    finish = full.callback.history[-1]
+    assert finish["action"] == "finish" and finish["update"] < MAX_STEPS and finish["update"] in full.saved
+    with pytest.warns(UserWarning, match="already finished at step"):
+        resumed = EventRun(AutoDecayCallback(), max_steps=MAX_STEPS,
+                           resume=(finish["update"], full.saved[finish["update"]]))
+    resumed.feed(plateau_stream()[finish["update"]:])
+    assert resumed.stopped and len(resumed.used) <= 1  # at most the step the Trainer runs before it checks
