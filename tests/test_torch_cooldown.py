@@ -141,3 +141,23 @@ def test_a_group_added_mid_cooldown_joins_the_anneal_from_its_lr():
 def test_min_lr_with_the_step_shape_is_refused():
     with pytest.raises(ValueError, match="min_lr"):
         AutoDecayLR(make_optimizer(), total_updates=1000, min_lr=1e-3, decay_shape="step")
+
+
+@pytest.mark.parametrize("diverged_at", [850, 990])  # the cooldown runs from update 800 to 1000
+def test_losses_non_finite_to_the_end_of_the_cooldown_are_an_error_not_a_finish(diverged_at):
+    optimizer = make_optimizer()
+    sched = AutoDecayLR(optimizer, **COOLDOWN)
+    losses = falling(diverged_at) + [float("nan")] * (1000 - diverged_at)
+    with pytest.warns(RuntimeWarning, match="non-finite"), pytest.raises(FloatingPointError, match="cooldown"):
+        run(sched, optimizer, losses)
+    assert not sched.finished  # a loop that checks `finished` never saves the diverged model as final
+
+
+def test_a_bad_batch_in_the_cooldown_still_finishes():
+    optimizer = make_optimizer()
+    sched = AutoDecayLR(optimizer, **COOLDOWN)
+    losses = falling(1000)
+    losses[900] = float("nan")
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        run(sched, optimizer, losses)
+    assert sched.finished and sched.detector.nonfinite_losses == 1

@@ -225,8 +225,8 @@ class StageDetector:
         the end of the cooldown is reached. Adapters that accumulate on a device read it back only then."""
         if self.finished:
             return 0
-        if self.in_cooldown:
-            return max(1, self.cooldown_end - self.update)
+        if self.in_cooldown:  # bucket by bucket still: losses that turn non-finite to its end are seen as such
+            return max(1, min(self.bucket_size, self.cooldown_end - self.update))
         due = self.bucket_size - self._bucket_count
         if self.update < self.warmup_updates:
             due = self.warmup_updates - self.update
@@ -260,12 +260,13 @@ class StageDetector:
             self._observe_nonfinite(value, count, nonfinite or count)
         elif nonfinite:
             self._count_nonfinite(nonfinite)
+        if finite and (self.in_cooldown or self.update > self.warmup_updates):
+            self.nonfinite_streak = 0
         if self.in_cooldown:
             return self._cooldown_step()
         if self.update <= self.warmup_updates:
             return Decision("continue", self.stage, self.update, "warmup")
         if finite:
-            self.nonfinite_streak = 0
             counted = min(count, self.update - self.warmup_updates)
             self._bucket_sum += value * counted
             self._bucket_count += counted
@@ -394,6 +395,10 @@ class StageDetector:
     def _cooldown_step(self) -> Decision:
         if self.update < self.cooldown_end:
             return Decision("continue", self.stage, self.update, "cooldown")
+        if self.nonfinite_streak:  # the model the run would end with comes from non-finite losses: not a result
+            raise FloatingPointError(
+                f"AutoDecay saw only non-finite training losses for the last {self.nonfinite_streak} updates of "
+                "the cooldown: the run has diverged, its final model is not a result")
         self.history.append({"update": self.update, "action": "finish", "stage": self.stage, "reason": "cooldown"})
         self.finished = True
         return Decision("finish", self.stage, self.update, "cooldown")
