@@ -33,15 +33,23 @@ def transition_log_ratio(losses: list, decay: float, window: float, width: float
             "log_ratio": math.log(at / after) - math.log(before / at)}
 
 
-def first_spike(losses: list, width: float, after: float, factor: float):
-    """The first bin after share `after` whose loss is above `factor` x the lowest bin before it, as
-    {"share": where it ends, "factor": its ratio}; None when there is none."""
+def first_spike(losses: list, width: float, after: float, factor: float, floor: float = 0.0):
+    """The first bin after share `after` that is a spike, as {"share": where it ends, "factor": its ratio};
+    None when there is none. A spike is a bin above `factor` x the lowest bin before it AND above that lowest
+    bin + `floor` x the first bin (the loss at the start): the floor, a share of the run's own initial loss
+    (scale-aware), keeps a loss near zero from failing for a rise that is tiny next to it (0.01 to 0.02)."""
     bins = binned(losses, width)
     for k in range(max(1, round(after / width)), len(bins)):
         lowest = min(bins[:k])
-        if bins[k] > factor * lowest:
+        if bins[k] > factor * lowest and bins[k] > lowest + floor * bins[0]:
             return {"share": (k + 1) * width, "factor": bins[k] / lowest}
     return None
+
+
+def peak_rise(losses: list, width: float, after: float) -> float:
+    """The largest ratio of a bin after share `after` to the lowest bin before it (1: never above it)."""
+    bins = binned(losses, width)
+    return max([1.0] + [bins[k] / min(bins[:k]) for k in range(max(1, round(after / width)), len(bins))])
 
 
 def bootstrap_interval(values, resamples: int = 10000, level: float = 0.95, seed: int = 0) -> tuple[float, float]:

@@ -112,29 +112,41 @@ def test_bootstrap_and_trend_statistics():
 
 
 def test_noise_dose_response_smoke(tmp_path):
-    """Batch sizes up to the full training set, each with its own number of updates, the schedule in shares
-    of the run; the statistic, the stability verdicts, the table and the figure."""
-    finished = run(
+    """A sweep on tiny settings (momentum x warmup, 2 each; batch sizes up to the full training set, each with
+    its own number of updates, the schedule in shares of the run): the statistic, the stability verdicts, the
+    sweep's table and choice, the figure; run again, every finished run is read back, none trained."""
+    command = (
         sys.executable, str(RECIPES / "noise_dose_response.py"), "--config", str(CONFIGS / "noise_dose_response.yaml"),
-        "--num_samples", "500", "--batch_sizes", "25", "400", "--seeds", "0", "1", "--min_epochs", "2",
-        "--min_updates", "10", "--micro_batch", "200", "--resamples", "200", "--jobs", "1",
-        "--output_dir", str(tmp_path),
+        "--num_samples", "500", "--train_subset", "0", "--batch_sizes", "25", "400", "--seeds", "0", "--lrs", "0.1",
+        "--momenta", "0", "0.9", "--warmup_fractions", "0.05", "0.2", "--min_epochs", "2", "--min_updates", "10",
+        "--micro_batch", "200", "--resamples", "200", "--jobs", "1", "--output_dir", str(tmp_path),
     )
+    finished = run(*command)
     summary = json.loads((tmp_path / "summary.json").read_text())
-    runs = {(r["batch_size"], r["seed"]): r for r in summary["runs"]}
-    assert set(runs) == {(25, 0), (25, 1), (400, 0), (400, 1)}
-    assert runs[25, 0]["updates"] == 32 and not runs[25, 0]["full_batch"]  # 2 epochs of 16 updates
-    assert runs[400, 0]["updates"] == 10 and runs[400, 0]["full_batch"]  # min_updates; 400 = all training samples
-    assert runs[400, 0]["noise_scale"] == pytest.approx(0.1) and runs[25, 0]["noise_scale"] == pytest.approx(1.6)
-    run_summary = json.loads((tmp_path / "lr0.1" / "batch400" / "seed0" / "summary.json").read_text())
+    runs = {(r["lr"], r["momentum"], r["warmup_fraction"], r["batch_size"]): r for r in summary["runs"]}
+    assert len(runs) == len(summary["runs"]) == 8 and {r["seed"] for r in summary["runs"]} == {0}
+    assert runs[0.1, 0.9, 0.2, 25]["updates"] == 32 and not runs[0.1, 0.9, 0.2, 25]["full_batch"]  # 2 epochs of 16
+    full = runs[0.1, 0.9, 0.2, 400]
+    assert full["updates"] == 10 and full["full_batch"]  # min_updates; 400 = all training samples
+    assert full["noise_scale"] == pytest.approx(0.1) and runs[0.1, 0.9, 0.2, 25]["noise_scale"] == pytest.approx(1.6)
+    run_summary = json.loads((tmp_path / "lr0.1_m0.9_w0.2" / "batch400" / "seed0" / "summary.json").read_text())
     assert run_summary["updates"] == 10 and len(run_summary["update_losses"]) == 10
     assert run_summary["decay_updates"] == [5, 8] and run_summary["decay_epochs"] == [5.0, 8.0]  # shares 0.5, 0.75
+    assert run_summary["warmup_updates"] == 2 and run_summary["config"]["momentum"] == 0.9
+    assert json.loads((tmp_path / "lr0.1_m0_w0.05" / "batch25" / "seed0" / "summary.json").read_text())[
+        "config"]["momentum"] == 0.0
     for r in summary["runs"]:
-        assert r["stable"] == (not r["failures"]) and math.isfinite(r["log_ratio"])
-    cells = summary["by_lr"]["0.1"]["cells"]
+        assert r["stable"] == (not r["failures"]) and math.isfinite(r["log_ratio"]) and not r["reused"]
+    assert len(summary["by_setting"]) == 4 and summary["chosen"] in set(summary["by_setting"]) | {None}
+    cells = summary["by_setting"]["lr 0.1, momentum 0.9, warmup 0.2"]["cells"]
     assert [cell["batch_size"] for cell in cells] == [25, 400]
-    assert "| 0.1 | 400 | 0.1 | 10 (10) |" in finished.stdout
+    assert "| lr | momentum | warmup | unstable runs |" in finished.stdout
+    assert "| lr 0.1, momentum 0.9, warmup 0.2 | 400 | 0.1 | 10 (10) |" in finished.stdout
     assert (tmp_path / "noise_dose_response.png").stat().st_size > 0
+    again = run(*command)
+    assert "8 finished before, read back; 0 to train" in again.stdout
+    rerun = json.loads((tmp_path / "summary.json").read_text())
+    assert all(r["reused"] for r in rerun["runs"]) and rerun["table"] == summary["table"]
 
 
 @pytest.mark.distributed
@@ -143,37 +155,45 @@ def test_noise_dose_response_two_processes(tmp_path, torchrun):
     update's loss the mean over both, the study written once."""
     finished = torchrun(
         RECIPES / "noise_dose_response.py", "--config", CONFIGS / "noise_dose_response.yaml", "--num_samples", "500",
-        "--batch_sizes", "50", "400", "--seeds", "0", "--min_epochs", "1", "--min_updates", "6", "--micro_batch", "100",
-        "--resamples", "100", "--output_dir", tmp_path, env={"PYTHONPATH": ENV["PYTHONPATH"]},
+        "--train_subset", "0", "--lrs", "0.1", "--batch_sizes", "50", "400", "--seeds", "0", "--min_epochs", "1",
+        "--min_updates", "6", "--micro_batch", "100", "--resamples", "100", "--output_dir", tmp_path,
+        env={"PYTHONPATH": ENV["PYTHONPATH"]},
     )
     assert finished.returncode == 0, finished.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert {(r["batch_size"], r["updates"]) for r in summary["runs"]} == {(50, 8), (400, 6)}
-    run_summary = json.loads((tmp_path / "lr0.1" / "batch400" / "seed0" / "summary.json").read_text())
+    run_summary = json.loads((tmp_path / "lr0.1_m0.9_w0.05" / "batch400" / "seed0" / "summary.json").read_text())
     assert run_summary["config"]["grad_accum_steps"] == 2 and run_summary["config"]["full_batch"]  # 2 x 2 x 100
-    assert len(run_summary["update_losses"]) == 6 and finished.stdout.count("| 0.1 | 400 |") == 1
+    assert len(run_summary["update_losses"]) == 6
+    assert finished.stdout.count("| lr 0.1, momentum 0.9, warmup 0.05 | 400 |") == 1
 
 
 @pytest.mark.slow  # imports the recipe (timm, Accelerate): seconds
 def test_dose_response_lists_every_unstable_run():
-    from noise_dose_response import DoseResponseConfig, measure, statistics
+    """The criterion as the study applies it: a spike (over the floor), a non-finite loss, a loss before the first
+    decay over 3x the smallest batch's at the same setting and seed; a near-zero loss that doubles passes."""
+    from noise_dose_response import DoseResponseConfig, choose_setting, measure, statistics
 
     cfg = DoseResponseConfig(lrs=[0.1], seeds=[0], resamples=100)
-    steady = [math.exp(-0.01 * u) for u in range(100)]
-    results = [
-        {"lr": 0.1, "seed": 0, "batch_size": 32, "noise_scale": 25.0, "updates": 100, "epochs": 1.0,
-         "test_top1": 90.0, "losses": steady},
-        {"lr": 0.1, "seed": 0, "batch_size": 512, "noise_scale": 1.6, "updates": 100, "epochs": 6.0,
-         "test_top1": 90.0, "losses": [4 * loss for loss in steady]},  # 4x the smallest batch's loss
-        {"lr": 0.1, "seed": 0, "batch_size": 8000, "noise_scale": 0.1, "updates": 100, "epochs": 100.0,
-         "test_top1": 90.0, "losses": steady[:60] + [float("nan")] * 40},
-    ]
+    name = "lr 0.1, momentum 0.9, warmup 0.05"
+    steady = [2.3 * math.exp(-0.01 * u) for u in range(100)]  # 0.14 before the decay at update 50
+    spiked = steady[:60] + [3 * steady[59]] * 2 + steady[62:]  # 3x, +0.2 nats at 62%
+    tiny = [0.001 * loss for loss in steady[:80]] + [0.01] * 20  # near 0.0003, then 0.01: 30x but +0.01 nats
+    dropped = [2.9 * loss / (2 if u >= 50 else 1) for u, loss in enumerate(steady)]  # 2.9x before the decay
+    series = {32: steady, 64: dropped, 128: [3.1 * loss for loss in steady], 256: spiked,
+              512: steady[:1] + tiny[1:], 8000: steady[:60] + [float("nan")] * 40}
+    results = [{"setting": name, "lr": 0.1, "seed": 0, "batch_size": size, "noise_scale": 0.1 * 8000 / size,
+                "updates": 100, "epochs": 1.0, "full_batch": size == 8000, "test_top1": 90.0, "losses": losses}
+               for size, losses in series.items()]
     runs = measure(results, cfg)
-    assert [r["stable"] for r in runs] == [True, False, False]
-    assert "3 x batch 32's" in runs[1]["failures"][0] and runs[2]["failures"] == ["non-finite loss"]
-    cells = statistics(runs, cfg)[0.1]["cells"]
-    assert [(c["stable"], c["runs"]) for c in cells] == [(1, 1), (0, 1), (0, 1)]
-    assert cells[1]["log_ratio_mean"] is None and cells[1]["failures"] == {0: runs[1]["failures"]}
+    assert [r["stable"] for r in runs] == [True, True, False, False, True, False]
+    assert "3 x batch 32's" in runs[2]["failures"][0] and "spike at 62%" in runs[3]["failures"][0]
+    assert runs[5]["failures"] == ["non-finite loss"] and runs[4]["peak_rise"] > 2  # a rise, under the floor
+    cells = statistics(runs, cfg)[name]["cells"]
+    assert [(c["stable"], c["runs"]) for c in cells] == [(1, 1), (1, 1), (0, 1), (0, 1), (1, 1), (0, 1)]
+    assert cells[2]["log_ratio_mean"] is None and cells[2]["failures"] == {0: runs[2]["failures"]}
+    assert cells[3]["loss_before_decay_median"] is not None  # measured on every finite run, stable or not
+    assert choose_setting(statistics(runs, cfg)) is None  # unstable runs: not a setting the sweep can choose
 
 
 def test_mechanism_smoke(tmp_path):
