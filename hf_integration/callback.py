@@ -62,11 +62,12 @@ from transformers.trainer_callback import ExportableState
 from transformers.utils import logging
 
 from timm_autodecay.detector import SETTINGS, Decision, StageDetector, check_float
+from timm_autodecay.ranks import mean_over_ranks
 from timm_autodecay.settings import check_known
 from timm_autodecay.torch_scheduler import check_decay_rate
 
 from .eval_signal import (
-    EvalSignal, check_eval_signal, evaluation_settings, mean_over_ranks, read_metric, resolve_eval_signal,
+    EvalSignal, check_eval_signal, evaluation_settings, read_metric, resolve_eval_signal,
     unused_eval_settings,
 )
 from .lambda_lr import adopt_new_groups, initial_lrs, set_base_lrs
@@ -348,7 +349,7 @@ class AutoDecayCallback(TrainerCallback, ExportableState):
         evaluates together, so the collective in ``mean_over_ranks`` meets on every rank."""
         if self.detector is None or self._eval is None or not self._training:
             return control  # an evaluation outside training (trainer.evaluate()), or the signal is off
-        value = mean_over_ranks(read_metric(self._eval, metrics), args)
+        value = mean_over_ranks(read_metric(self._eval, metrics))
         if value is None:
             if not self._missing_metric_said and state.is_local_process_zero:
                 logger.warning(f"AutoDecay: the evaluation at step {state.global_step} has no {self._eval.metric} "

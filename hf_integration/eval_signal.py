@@ -1,5 +1,5 @@
-"""The evaluation signal under the Trainer: which metric, which way is better, whether it is on, and one value
-for every rank.
+"""The evaluation signal under the Trainer: which metric, which way is better, whether it is on (the value is
+averaged over ranks by ``timm_autodecay.ranks``).
 
 The metric is the one the Trainer keeps the best model by: ``metric_for_best_model``, read from the
 evaluation's metrics as ``EarlyStoppingCallback`` reads it (``eval_`` prefixed when missing), its direction
@@ -86,20 +86,3 @@ def read_metric(signal: EvalSignal, metrics: Optional[Mapping[str, Any]]) -> Opt
         raise TypeError(f"AutoDecayCallback: the evaluation metric {signal.metric!r} is "
                         f"{type(value).__name__} {value!r}, not a number")
     return float(value)
-
-
-def mean_over_ranks(value: Optional[float], args) -> Optional[float]:
-    """The mean of the ranks' values (None where a rank's evaluation lacked the metric), the same float on
-    every rank; the value itself without ``torch.distributed``. The Trainer gathers its evaluation over the
-    ranks, so they agree already unless ``compute_metrics`` depends on the rank; the mean makes sure they
-    decide alike whatever it does, for one tiny collective per evaluation (itself a collective)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
-        return value
-    device = torch.device("cpu") if dist.get_backend() == "gloo" else args.device  # NCCL: the rank's GPU
-    present = value is not None
-    pair = torch.tensor([value if present else 0.0, 1.0 if present else 0.0], dtype=torch.float64, device=device)
-    dist.all_reduce(pair)
-    total, count = pair.tolist()
-    return total / count if count else None

@@ -3,7 +3,7 @@
 ``train.py`` passes ``losses_m.avg`` to ``step_update``: this rank's running mean of the training loss
 over the epoch so far. :class:`RunningMeanDecoder` turns it back into per-update losses;
 :class:`RankLosses` sums them on the host and averages them over all ranks when the detector wants a
-value. Both keep their state JSON-able, for ``autodecay_state.json``. :func:`evaluation_over_ranks` reads the
+value. Both keep their state JSON-able, for ``autodecay_state.json``. :func:`check_evaluation` reads the
 metric train.py passes to ``step(epoch, metric)``. :func:`arm_stop` ends the loop gracefully once the run is over.
 
 How train.py fills the mean (timm's ``train_one_epoch``)
@@ -165,17 +165,6 @@ def check_evaluation(metric: Any) -> float:
         raise TypeError(f"AutoDecay: the evaluation metric passed to step(epoch, metric) must be a number, got "
                         f"{type(metric).__name__} {metric!r}")
     return float(metric)
-
-
-def evaluation_over_ranks(value: float, device: torch.device) -> float:
-    """An evaluation result averaged over all ranks (one collective, on every rank), so that every rank judges
-    the same value. train.py's ``validate()`` averages its metrics over ranks already; other loops may pass
-    each rank's own."""
-    if not distributed():
-        return value
-    tensor = torch.tensor([value], dtype=torch.float64, device=device)
-    dist.all_reduce(tensor)
-    return tensor.item() / dist.get_world_size()
 
 
 # -- the stop --------------------------------------------------------------------------------------

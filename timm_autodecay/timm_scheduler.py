@@ -46,10 +46,11 @@ import torch
 from timm.scheduler.scheduler import Scheduler
 
 from .detector import SETTINGS, Decision, FollowsDetector, StageDetector, StateError, check_int
+from .ranks import mean_over_ranks
 from .settings import check_known
 from .timm_keys import FROM_RUN, PREFIX
 from .timm_loop import (LOSS, NONFINITE, AutoDecayFinished, RankLosses, RunningMeanDecoder, arm_stop,
-                        check_evaluation, evaluation_over_ranks, is_primary)
+                        check_evaluation, is_primary)
 from .timm_state import (ENTRY_TAG, ENTRY_VERSION, STATE_FILE, WHAT_IT_IS, StateFile, adopt_evaluation_settings,
                          check_entry, check_same_run, find_entry, migrate_entry, settings_hint, what_to_do)
 
@@ -302,7 +303,7 @@ class AutoDecayScheduler(FollowsDetector, Scheduler):
         The entry saved for this epoch's checkpoint is then rewritten with it."""
         if self.num_updates > self.detector.update and not self.detector.finished:
             self._observe()
-        self._take(self.detector.observe_eval(evaluation_over_ranks(value, self._device)))
+        self._take(self.detector.observe_eval(mean_over_ranks(value, self._device)))
         if self.num_updates == t * self.updates_per_epoch:
             self._save_state(t, again=True)
 

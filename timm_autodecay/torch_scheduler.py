@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch.optim.lr_scheduler import LRScheduler
 
 from .detector import SETTINGS, Decision, FollowsDetector, StageDetector, check_float
+from .ranks import mean_over_ranks
 from .settings import check_known
 from .torch_state import check_scheduler_state, migrate_scheduler_state, scheduler_state
 
@@ -69,17 +70,6 @@ def check_loss(loss: Any, what: str = "loss") -> Union[float, torch.Tensor]:
     if isinstance(loss, bool) or not isinstance(loss, numbers.Real):
         raise TypeError(f"the {what} must be a float or a 0-dim tensor, got {type(loss).__name__} {loss!r}")
     return float(loss)
-
-
-def _mean_over_ranks(value: Union[float, torch.Tensor]) -> float:
-    """A scalar as a float, averaged over all ranks when ``torch.distributed`` is running (every rank then
-    judges the same value)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return float(value)
-    device = value.device if isinstance(value, torch.Tensor) else torch.device("cpu")
-    total = torch.as_tensor(value, dtype=torch.float64, device=device).reshape(1).clone()
-    dist.all_reduce(total)
-    return total.item() / dist.get_world_size()
 
 
 class LossAccumulator:
@@ -289,11 +279,11 @@ class AutoDecayLR(FollowsDetector, LRScheduler):
             return
         value = check_loss(value, "evaluation result")
         if self.detector.finished:
-            self.detector.observe_eval(_mean_over_ranks(value))
+            self.detector.observe_eval(mean_over_ranks(value))
             return
         if self.accumulator.updates:
             self._observe_pending_losses()  # the detector's clock reaches this update before it judges
-        self._apply(self.detector.observe_eval(_mean_over_ranks(value)))
+        self._apply(self.detector.observe_eval(mean_over_ranks(value)))
         if self.cooldown_lrs is not None:
             self._cool_down()
 
