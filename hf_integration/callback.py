@@ -45,15 +45,13 @@ How it works
   whether or not ``restore_callback_states_from_checkpoint`` is set (when it is, the Trainer replaces this
   callback object by a copy built from the checkpoint: look it up with :func:`find_autodecay_callback`).
   The entry is checked whole first (``hf_integration.saved_entry``; entries of release 0.1.0 are migrated).
-  The checkpoint's settings win over the current ones (with a warning), so a resumed run continues exactly
-  as the uninterrupted one; whether evaluations are used is this run's choice (``eval_signal`` with
-  ``eval_strategy`` and ``metric_for_best_model``), their direction the checkpoint's once it has recorded
-  one. The Trainer forgets the losses since its last log when it resumes, so the callback asks for a loss
-  log at every checkpoint step.
+  Settings that differ from the checkpoint's are an error naming each, as in every face (a resumed run
+  continues exactly as the uninterrupted one, or not at all); whether evaluations are used is this run's
+  choice (``eval_signal`` with ``eval_strategy`` and ``metric_for_best_model``). The Trainer forgets the
+  losses since its last log when it resumes, so the callback asks for a loss log at every checkpoint step.
 """
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Any, Dict, List, Optional
 
@@ -62,8 +60,10 @@ from transformers.trainer_callback import ExportableState
 from transformers.utils import logging
 
 from timm_autodecay.detector import SETTINGS, Decision, StageDetector, check_float
+from timm_autodecay.lr_rules import floor_share
 from timm_autodecay.ranks import mean_over_ranks
 from timm_autodecay.settings import check_known
+from timm_autodecay.state import EVALUATION_SETTINGS, StateError
 from timm_autodecay.torch_scheduler import check_decay_rate
 
 from .eval_signal import (
@@ -96,7 +96,8 @@ class AutoDecayCallback(TrainerCallback, ExportableState):
 
     Args:
         decay_rate: factor applied to the learning rate at each stage end (before the last), in (0, 1).
-        min_lr: the floor a cooldown anneals to (``decay_shape="cooldown"`` only), the same for every group.
+        min_lr: the floor a cooldown anneals to (``decay_shape="cooldown"`` only): the highest group's, every other
+            group anneals to the same share of its own LR (``timm_autodecay.lr_rules``).
         eval_signal: whether evaluation results also end the stable phase. None (default): when
             ``eval_strategy`` and ``metric_for_best_model`` are set; True: also without
             ``metric_for_best_model`` (then ``eval_loss``; an error if ``eval_strategy="no"``); False: never.
@@ -123,6 +124,7 @@ class AutoDecayCallback(TrainerCallback, ExportableState):
         self._scheduler = None
         self._divergence = DivergenceWatch()
         self._eval: Optional[EvalSignal] = None  # the signal in use, resolved at train start
+        self._floor_share = 0.0  # min_lr as a share of each group's initial LR, set at train start
         self._training = False
         self._missing_metric_said = False
 
@@ -188,7 +190,7 @@ class AutoDecayCallback(TrainerCallback, ExportableState):
             settings["eval_mode"] = self._eval.mode
         saved = self._saved_entry(state, evaluation_settings(settings))
         if saved is not None:
-            self._restore(saved, settings)
+            self._restore(saved, settings, state.global_step)
         elif state.global_step > 0:
             # A checkpoint written without AutoDecay: start it now, with the remaining budget.
             warnings.warn(
@@ -202,6 +204,7 @@ class AutoDecayCallback(TrainerCallback, ExportableState):
         else:
             self.detector = StageDetector.from_settings(settings)
         self._pending_state = None
+        self._floor_share = floor_share(self.min_lr, initial_lrs(lr_scheduler))
         # Trainer._save_checkpoint indexes stateful_callbacks by class name: a checkpoint from a run
         # without this callback lacks the key and would fail at the next save.
         state.stateful_callbacks.setdefault(key, self.state())
@@ -250,21 +253,24 @@ class AutoDecayCallback(TrainerCallback, ExportableState):
             return None
         return read_saved_entry(stored, state.global_step, eval_settings)
 
-    def _restore(self, saved: SavedEntry, settings: Dict[str, Any]) -> None:
+    def _restore(self, saved: SavedEntry, settings: Dict[str, Any], step: int) -> None:
+        """The checkpoint's schedule, if this run asks for the same one: settings that differ are an error
+        naming each (the one resume policy of every face: a schedule never changes silently at a resume)."""
         kept = saved.detector.settings()
         current = StageDetector.from_settings(settings).settings()
-        differ = {k: (kept.get(k), v) for k, v in current.items() if kept.get(k) != v}
+        ignored = set(EVALUATION_SETTINGS) if self._eval is None else set()  # unused by this run
+        differ = {k: (kept.get(k), v) for k, v in current.items() if kept.get(k) != v and k not in ignored}
         for name in ("decay_rate", "min_lr"):
             if getattr(saved, name) != getattr(self, name):
                 differ[name] = (getattr(saved, name), getattr(self, name))
         if differ:
             listed = ", ".join(f"{k}: checkpoint {old!r}, now {new!r}" for k, (old, new) in sorted(differ.items()))
-            warnings.warn(
-                f"AutoDecayCallback: the checkpoint's settings differ from this run's ({listed}); the "
-                "checkpoint's are kept so the run continues as it started",
-                UserWarning,
-                stacklevel=3,
-            )
+            raise StateError(
+                f"AutoDecayCallback cannot resume from checkpoint-{step}: its schedule's settings differ from this "
+                f"run's ({listed}). Resume with the checkpoint's settings (AutoDecayCallback arguments; "
+                "total_updates comes from max_steps / num_train_epochs, warmup_updates from warmup_steps / "
+                "warmup_ratio), or delete the AutoDecayCallback entry from the checkpoint's trainer_state.json "
+                "stateful_callbacks to start a new schedule from its weights")
         self.decay_rate, self.min_lr, self.detector = saved.decay_rate, saved.min_lr, saved.detector
 
     # -- the learning rate ------------------------------------------------------------------------
@@ -272,16 +278,20 @@ class AutoDecayCallback(TrainerCallback, ExportableState):
         """base_lrs = each group's rate after ``step`` updates (initial LR x decay_rate ** stage, or the
         cooldown's), and the next step's LR with it. Idempotent: the same on a fresh start, after
         scheduler.pt was loaded, after a decay, or at any step of a cooldown."""
-        scheduler, detector = self._scheduler, self.detector
-        adopt_new_groups(scheduler, detector.lr_at(step, 1.0, self.decay_rate))
-        set_base_lrs(scheduler, [detector.lr_at(step, lr, self.decay_rate, self.min_lr)
-                                 for lr in initial_lrs(scheduler)])
+        scheduler = self._scheduler
+        factor = self._lr_factor(step)
+        adopt_new_groups(scheduler, factor)
+        set_base_lrs(scheduler, [lr * factor for lr in initial_lrs(scheduler)])
+
+    def _lr_factor(self, step: int) -> float:
+        """Every group's LR after ``step`` updates as a share of its initial LR (``timm_autodecay.lr_rules``)."""
+        return self.detector.lr_at(step, 1.0, self.decay_rate, self._floor_share)
 
     # -- every step: new param groups, the cooldown's LR, a loss log wherever the detector must look ---
     def on_optimizer_step(self, args, state, control, **kwargs):
         # between optimizer.step() and the scheduler's step, which fails on a group it does not know
         if self.detector is not None:
-            adopt_new_groups(self._scheduler, self.detector.lr_at(state.global_step, 1.0, self.decay_rate))
+            adopt_new_groups(self._scheduler, self._lr_factor(state.global_step))
         return control
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -299,20 +309,11 @@ class AutoDecayCallback(TrainerCallback, ExportableState):
         in the Trainer's list, has already decided should_save and should_log."""
         if self.detector is None or self.detector.finished:
             return control
-        if control.should_save or state.global_step == self._next_boundary():
+        if control.should_save or state.global_step == self.detector.next_boundary:
             control.should_log = True
         if control.should_evaluate and self._eval is not None:  # the detector's clock at the evaluation's step
             control.should_log = True
         return control
-
-    def _next_boundary(self) -> Optional[int]:
-        """The step at which time alone ends the current stage (its share of the budget) or the cooldown."""
-        detector = self.detector
-        if detector.in_cooldown:
-            return detector.cooldown_end
-        if detector.stage_budget is None:
-            return None
-        return max(detector.warmup_updates + 1, math.ceil(detector.stage_start + detector.stage_budget - 1e-9))
 
     # -- the signal --------------------------------------------------------------------------------
     def on_log(self, args, state, control, logs=None, **kwargs):

@@ -204,19 +204,16 @@ def test_entries_written_before_evaluations_resume_with_this_runs_evaluation_set
     assert run.callback.best_eval["update"] == peak
 
 
-def test_a_saved_direction_is_kept_once_evaluations_were_recorded():
+def test_a_saved_direction_that_differs_once_evaluations_were_recorded_is_refused_naming_it():
     from hf_integration import AutoDecayCallback
 
     full = eval_run(save_steps=2 * EVAL_STEPS)
     full.feed(falling_loss(PEAK))
     at = max(full.saved)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        resumed = EventRun(AutoDecayCallback(), max_steps=MAX_STEPS, logging_steps=20, eval_steps=EVAL_STEPS,
-                           metrics=accuracy, metric_for_best_model="accuracy", greater_is_better=False,
-                           resume=(at, full.saved[at]))
-    assert any("eval_mode: checkpoint 'max', now 'min'" in str(w.message) for w in caught)
-    assert resumed.callback.detector.eval_mode == "max"
+    with pytest.raises(ValueError, match=f"checkpoint-{at}: .*eval_mode: checkpoint 'max', now 'min'"):
+        EventRun(AutoDecayCallback(), max_steps=MAX_STEPS, logging_steps=20, eval_steps=EVAL_STEPS,
+                 metrics=accuracy, metric_for_best_model="accuracy", greater_is_better=False,
+                 resume=(at, full.saved[at]))
 
 
 def test_eval_signal_travels_in_the_saved_entry_when_passed():

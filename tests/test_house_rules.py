@@ -103,6 +103,10 @@ DEFINED_ONCE = {
     "the cooldown's end": ("cooldown_start + ", "timm_autodecay/detector.py"),
     "the unknown-setting check": ("- set(known)", "timm_autodecay/settings.py"),
     "the state version check": ("<= STATE_VERSION", "timm_autodecay/state.py"),
+    "a stage's budget boundary": ("stage_budget - ROUNDING", "timm_autodecay/detector.py"),
+    "the cooldown's curve": ("math.cos(math.pi", "timm_autodecay/lr_rules.py"),
+    "no floor raises an LR": ("min(floor, ", "timm_autodecay/lr_rules.py"),
+    "min_lr against each group": ("min_lr / highest", "timm_autodecay/lr_rules.py"),
 }
 
 

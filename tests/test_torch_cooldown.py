@@ -50,7 +50,8 @@ def test_the_lr_anneals_at_every_update_from_the_stage_lr_to_min_lr_then_the_run
     assert sched.finished and len(lrs) == 1001  # never past the budget
     for update, got in enumerate(lrs):
         progress = max(0, update - 800) / 200
-        want = [one_minus_sqrt(base, MIN_LR, progress) for base in BASE_LRS]
+        # min_lr is the highest group's floor; the other anneals to the same share of its own LR
+        want = [one_minus_sqrt(base, MIN_LR * base / max(BASE_LRS), progress) for base in BASE_LRS]
         assert got == pytest.approx(want, rel=1e-12), f"update {update}"
 
 
@@ -73,7 +74,7 @@ def test_step_stages_then_a_cooldown_from_the_last_stage_lr():
     assert [(h["update"], h["action"]) for h in sched.history] == [(400, "decay"), (800, "cooldown"),
                                                                      (1000, "finish")]
     assert lrs[600] == pytest.approx([b * 0.1 for b in BASE_LRS])
-    assert lrs[900] == pytest.approx([one_minus_sqrt(b * 0.1, MIN_LR, 0.5) for b in BASE_LRS])
+    assert lrs[900] == pytest.approx([one_minus_sqrt(b * 0.1, MIN_LR * b / max(BASE_LRS), 0.5) for b in BASE_LRS])
 
 
 def test_a_resume_at_every_update_around_and_in_the_cooldown_gives_identical_lrs():
@@ -123,19 +124,23 @@ def test_a_linear_warmup_then_the_stable_phase_then_the_cooldown():
     for update, got in enumerate(lrs):
         factor = 0.1 + 0.9 * min(update, 10) / 10
         progress = max(0, update - start) / (1000 - start)
-        want = [one_minus_sqrt(base * factor, MIN_LR, progress) for base in BASE_LRS]
+        want = [one_minus_sqrt(base * factor, MIN_LR * base / max(BASE_LRS), progress) for base in BASE_LRS]
         assert got == pytest.approx(want, rel=1e-9), f"update {update}"
 
 
-def test_a_group_added_mid_cooldown_joins_the_anneal_from_its_lr():
+def test_a_group_added_mid_cooldown_joins_at_its_lr_and_anneals_from_there_to_its_floor():
     optimizer = make_optimizer()
     sched = AutoDecayLR(optimizer, **COOLDOWN)
     run(sched, optimizer, falling()[:850])
     optimizer.add_param_group({"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 0.05})
     lrs = run(sched, optimizer, falling()[850:])
+    floor = MIN_LR * 0.05 / max(BASE_LRS)  # the same share of its LR as the other groups' floors
+    left = 1 - math.sqrt(50 / 200)  # the cooldown's share left when it joined
+    stage_lr = floor + (0.05 - floor) / left  # puts it at 0.05 where it joined
     for update, got in enumerate(lrs[1:], start=851):
-        assert got[2] == pytest.approx(one_minus_sqrt(0.05, MIN_LR, (update - 800) / 200), rel=1e-12)
-    assert sched.finished and lrs[-1] == pytest.approx([MIN_LR] * 3)
+        assert got[2] == pytest.approx(one_minus_sqrt(stage_lr, floor, (update - 800) / 200), rel=1e-12)
+    assert lrs[1][2] < 0.05 and all(a[2] > b[2] for a, b in zip(lrs[1:], lrs[2:]))  # never raised, always falling
+    assert sched.finished and lrs[-1] == pytest.approx([MIN_LR, MIN_LR * 0.2, floor])
 
 
 def test_min_lr_with_the_step_shape_is_refused():

@@ -69,6 +69,7 @@ from typing import Any, Deque, Dict, List, Optional, Tuple
 from . import state as saved_state
 from .evaluations import EvaluationSeries
 from .follows import FollowsDetector
+from .lr_rules import annealed_lr
 from .settings import (
     COOLDOWN_CURVES, DECAY_SHAPES, DEFAULTS, EVAL_MODES, SETTINGS, check_choice, check_float, check_int, check_known,
 )
@@ -106,16 +107,6 @@ class Decision:
     @property
     def changed(self) -> bool:
         return self.action != "continue"
-
-
-def cooldown_factor(curve: str, progress: float) -> float:
-    """Share of the way from the floor to the stage LR left at ``progress`` (0..1) of the cooldown."""
-    progress = min(max(progress, 0.0), 1.0)
-    if curve == "1-sqrt":
-        return 1.0 - math.sqrt(progress)
-    if curve == "linear":
-        return 1.0 - progress
-    return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class StageDetector:
@@ -231,18 +222,27 @@ class StageDetector:
         if self.update < self.warmup_updates:
             due = self.warmup_updates - self.update
         if self.stage_budget is not None:
-            boundary = math.ceil(self.stage_start + self.stage_budget - ROUNDING)
-            due = min(due, max(1, boundary - self.update))
+            due = min(due, max(1, self.next_boundary - self.update))
         return max(1, due)
+
+    @property
+    def next_boundary(self) -> Optional[int]:
+        """The update at which time alone ends the current stage (its budget share) or the cooldown."""
+        if self.in_cooldown or self.stage_budget is None:
+            return self.cooldown_end  # None without a budget
+        return max(self.warmup_updates + 1, math.ceil(self.stage_start + self.stage_budget - ROUNDING))
 
     def lr_at(self, update: int, base_lr: float, decay_rate: float, min_lr: float = 0.0) -> float:
         """The learning rate after ``update`` updates: ``base_lr * decay_rate ** stage``, and during
-        the cooldown on its curve from there down to ``min_lr``."""
+        the cooldown on its curve from there down to ``min_lr``, which never raises it (the floor of a
+        stage LR already below ``min_lr`` is that LR)."""
         stage_lr = base_lr * decay_rate ** self.stage
         if not self.in_cooldown:
             return stage_lr
-        progress = (update - self.cooldown_start) / self.cooldown_updates
-        return min_lr + (stage_lr - min_lr) * cooldown_factor(self.cooldown_curve, progress)
+        return annealed_lr(stage_lr, min_lr, self.cooldown_curve, self.cooldown_progress(update))
+
+    def cooldown_progress(self, update: int) -> float:
+        return 0.0 if not self.in_cooldown else (update - self.cooldown_start) / self.cooldown_updates
 
     # -- the decision ------------------------------------------------------------------------
     def observe(self, value: float, count: int = 1, nonfinite: int = 0) -> Decision:

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch.optim.lr_scheduler import LRScheduler
 
 from .detector import SETTINGS, Decision, FollowsDetector, StageDetector, check_float
+from .lr_rules import floor_share, joining_stage_lr
 from .ranks import mean_over_ranks
 from .settings import check_known
 from .torch_state import check_scheduler_state, migrate_scheduler_state, scheduler_state
@@ -227,6 +228,7 @@ class AutoDecayLR(FollowsDetector, LRScheduler):
         for group in optimizer.param_groups:
             group.setdefault("initial_lr", float(group["lr"]))
         self.base_lrs: List[float] = [float(group["initial_lr"]) for group in optimizer.param_groups]
+        self.floor_share = floor_share(self.min_lr, self.base_lrs)
         self.accumulator = LossAccumulator()
         self.last_decision: Optional[Decision] = None
         self.cooldown_lrs: Optional[List[float]] = None  # each group's LR when the cooldown began
@@ -261,7 +263,7 @@ class AutoDecayLR(FollowsDetector, LRScheduler):
         self._updates += 1
         self._step_count += 1
         self._cadence.check(self.detector.bucket_size)
-        self._join_new_groups()
+        self._join_new_groups(self._updates - 1)
         if not self.detector.finished:
             self.accumulator.add(loss)
             self._warmup_ramp()
@@ -329,31 +331,34 @@ class AutoDecayLR(FollowsDetector, LRScheduler):
         self._scale_lrs(now / previous)
 
     def _cool_down(self) -> None:
-        for group, stage_lr in zip(self.optimizer.param_groups, self.cooldown_lrs):
+        for group, stage_lr, base_lr in zip(self.optimizer.param_groups, self.cooldown_lrs, self.base_lrs):
             # the group's LR at the cooldown's start is its stage LR, whatever scaled it before
-            _set_lr(group, self.detector.lr_at(self._updates, stage_lr, 1.0, min(self.min_lr, stage_lr)))
+            _set_lr(group, self.detector.lr_at(self._updates, stage_lr, 1.0, self.floor_share * base_lr))
 
-    def _join_new_groups(self) -> None:
-        """A param group added since the last step joins at its LR, its rate for the current stage."""
+    def _join_new_groups(self, update: int) -> None:
+        """A param group added since the LRs were set for ``update`` joins at its LR (``lr_rules``)."""
         for group in self.optimizer.param_groups[len(self.base_lrs):]:
             group.setdefault("initial_lr", float(group["lr"]))
             self.base_lrs.append(float(group["initial_lr"]))
             if self.cooldown_lrs is not None:
-                self.cooldown_lrs.append(float(group["lr"]))
+                lr = float(group["lr"])
+                self.cooldown_lrs.append(joining_stage_lr(lr, self.floor_share * self.base_lrs[-1],
+                                                          self.detector.cooldown_curve,
+                                                          self.detector.cooldown_progress(update)))
 
     # -- checkpointing -----------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
         """Detector state, the LR of every group, and the losses accumulated since the detector's
         last observation (read back once per checkpoint), so a resumed run decides as an unbroken one.
         JSON-able (plain floats even for tensor LRs), versioned."""
-        self._join_new_groups()
+        self._join_new_groups(self._updates)
         return scheduler_state(self)
 
     def load_state_dict(self, state_dict: Dict[str, Any]) -> None:
         """Restore a state written by this release or an older one. The whole state is checked before
         any of it is applied; a bad one raises ``StateError`` (a ValueError) naming the bad key. The
         optimizer must have as many param groups as when the state was saved."""
-        self._join_new_groups()
+        self._join_new_groups(self._updates)
         state = migrate_scheduler_state(state_dict)
         check_scheduler_state(self, state)
         self.detector.load_state_dict(state["detector"])  # validates its part whole before applying it
