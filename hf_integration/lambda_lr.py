@@ -11,6 +11,8 @@ from typing import List
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+from timm_autodecay.lr_rules import joining_initial_lr
+
 
 def set_base_lrs(scheduler: LambdaLR, base_lrs: List[float]) -> None:
     """Give the scheduler new base LRs and set the LR of the next step from them at once, so that the
@@ -49,7 +51,7 @@ def adopt_new_groups(scheduler: LambdaLR, factor: float) -> int:
         lr = float(group["lr"])
         # at lambda 0 (the very start of a warmup) there is nothing to divide by: the group's LR is
         # then its rate for the current stage, before the lambda
-        group["initial_lr"] = lr / (now * factor) if now > 0 else lr / factor
+        group["initial_lr"] = joining_initial_lr(lr, now * factor if now > 0 else factor)
         scheduler.base_lrs.append(group["initial_lr"] * factor)
         scheduler.lr_lambdas.append(fn)
     scheduler._last_lr = [group["lr"] for group in groups]

@@ -39,7 +39,7 @@ def pytest_sessionfinish(session):
     gc.freeze()
 
 
-FRAMEWORK_TESTS = ("test_timm_", "test_hf_")
+FRAMEWORK_TESTS = ("test_timm_", "test_hf_", "test_faults_")
 
 
 @pytest.hookimpl(tryfirst=True)  # before pytest-xdist reads the groups

@@ -128,19 +128,18 @@ def test_a_linear_warmup_then_the_stable_phase_then_the_cooldown():
         assert got == pytest.approx(want, rel=1e-9), f"update {update}"
 
 
-def test_a_group_added_mid_cooldown_joins_at_its_lr_and_anneals_from_there_to_its_floor():
+def test_a_group_added_mid_cooldown_joins_at_its_lr_then_anneals_as_if_there_from_the_start():
     optimizer = make_optimizer()
     sched = AutoDecayLR(optimizer, **COOLDOWN)
     run(sched, optimizer, falling()[:850])
     optimizer.add_param_group({"params": [torch.nn.Parameter(torch.zeros(1))], "lr": 0.05})
     lrs = run(sched, optimizer, falling()[850:])
-    floor = MIN_LR * 0.05 / max(BASE_LRS)  # the same share of its LR as the other groups' floors
-    left = 1 - math.sqrt(50 / 200)  # the cooldown's share left when it joined
-    stage_lr = floor + (0.05 - floor) / left  # puts it at 0.05 where it joined
+    share = MIN_LR / max(BASE_LRS)  # every group's floor, as a share of its initial LR
+    start = 0.05 / one_minus_sqrt(1.0, share, 50 / 200)  # the initial LR that puts it at 0.05 where it joined
     for update, got in enumerate(lrs[1:], start=851):
-        assert got[2] == pytest.approx(one_minus_sqrt(stage_lr, floor, (update - 800) / 200), rel=1e-12)
+        assert got[2] == pytest.approx(one_minus_sqrt(start, share * start, (update - 800) / 200), rel=1e-12)
     assert lrs[1][2] < 0.05 and all(a[2] > b[2] for a, b in zip(lrs[1:], lrs[2:]))  # never raised, always falling
-    assert sched.finished and lrs[-1] == pytest.approx([MIN_LR, MIN_LR * 0.2, floor])
+    assert sched.finished and lrs[-1] == pytest.approx([MIN_LR, MIN_LR * 0.2, share * start])
 
 
 def test_min_lr_with_the_step_shape_is_refused():

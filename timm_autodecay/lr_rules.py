@@ -7,15 +7,15 @@
   at a tenth of the head's LR ends at a tenth of ``min_lr``, never above its own rate. A ``min_lr`` at or
   above the highest LR would leave nothing to anneal: an error that names it.
 * A param group added while the run goes on (a backbone unfrozen mid-run) joins at the LR it was added with,
-  as torch's ``ReduceLROnPlateau`` has it: decays multiply it from then on, and a cooldown carries it from
-  there to its floor by the cooldown's end.
+  as torch's ``ReduceLROnPlateau`` has it, and from there follows the other groups as if it had been in the run
+  from the start: decays multiply it, a cooldown anneals it to the same share of that start.
 """
 from __future__ import annotations
 
 import math
 from typing import Sequence
 
-__all__ = ["annealed_lr", "cooldown_factor", "floor_share", "joining_stage_lr"]
+__all__ = ["annealed_lr", "cooldown_factor", "floor_share", "joining_initial_lr"]
 
 
 def cooldown_factor(curve: str, progress: float) -> float:
@@ -34,12 +34,11 @@ def annealed_lr(stage_lr: float, floor: float, curve: str, progress: float) -> f
     return floor + (stage_lr - floor) * cooldown_factor(curve, progress)
 
 
-def joining_stage_lr(lr: float, floor: float, curve: str, progress: float) -> float:
-    """The stage LR that puts a group joining at ``progress`` of the cooldown at ``lr`` now: from there the
-    cooldown anneals it to ``floor`` (at most ``lr``) by its end. ``lr`` itself where nothing is left to anneal."""
-    floor = min(floor, lr)
-    left = cooldown_factor(curve, progress)
-    return floor + (lr - floor) / left if left > 0 else lr
+def joining_initial_lr(lr: float, factor: float) -> float:
+    """The initial LR of a group that joins where the schedule's factor (a group's LR over its initial LR) is
+    ``factor``: as if it had been in the run from the start, it trains on at ``lr`` now and follows the other
+    groups' curve from there, down to the same share of its initial LR. ``lr`` where the factor is 0."""
+    return lr / factor if factor > 0 else lr
 
 
 def floor_share(min_lr: float, initial_lrs: Sequence[float]) -> float:

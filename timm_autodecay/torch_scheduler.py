@@ -21,7 +21,7 @@ import torch.distributed as dist
 from torch.optim.lr_scheduler import LRScheduler
 
 from .detector import SETTINGS, Decision, FollowsDetector, StageDetector, check_float
-from .lr_rules import floor_share, joining_stage_lr
+from .lr_rules import floor_share, joining_initial_lr
 from .ranks import mean_over_ranks
 from .settings import check_known
 from .torch_state import check_scheduler_state, migrate_scheduler_state, scheduler_state
@@ -337,14 +337,12 @@ class AutoDecayLR(FollowsDetector, LRScheduler):
 
     def _join_new_groups(self, update: int) -> None:
         """A param group added since the LRs were set for ``update`` joins at its LR (``lr_rules``)."""
+        factor = self.detector.lr_at(update, 1.0, self.decay_rate, self.floor_share)
         for group in self.optimizer.param_groups[len(self.base_lrs):]:
             group.setdefault("initial_lr", float(group["lr"]))
-            self.base_lrs.append(float(group["initial_lr"]))
+            self.base_lrs.append(joining_initial_lr(float(group["lr"]), factor))
             if self.cooldown_lrs is not None:
-                lr = float(group["lr"])
-                self.cooldown_lrs.append(joining_stage_lr(lr, self.floor_share * self.base_lrs[-1],
-                                                          self.detector.cooldown_curve,
-                                                          self.detector.cooldown_progress(update)))
+                self.cooldown_lrs.append(self.base_lrs[-1] * self.decay_rate ** self.detector.stage)
 
     # -- checkpointing -----------------------------------------------------------------------
     def state_dict(self) -> Dict[str, Any]:
