@@ -73,6 +73,7 @@ from .eval_signal import (
 from .lambda_lr import adopt_new_groups, initial_lrs, set_base_lrs
 from .loss_logs import DivergenceWatch, read_loss_log
 from .saved_entry import SavedEntry, read_saved_entry
+from .trainer_internals import annotate_logged_entry
 from .trainer_setup import check_logging, check_scheduler, setting_name
 
 logger = logging.get_logger(__name__)
@@ -361,9 +362,7 @@ class AutoDecayCallback(TrainerCallback, ExportableState):
         decision = self.last_decision = self.detector.observe_eval(value)
         if decision.changed:
             extra = {"autodecay/decision": decision.action, "autodecay/reason": decision.reason}
-            last = state.log_history[-1] if state.log_history else {}
-            if last.get("step") == state.global_step and self._eval.metric in last:  # the evaluation's entry
-                last.update(extra)
+            annotate_logged_entry(state, self._eval.metric, extra)  # the evaluation's entry
             self._act(args, control, decision, stage)
         return control
 
@@ -402,7 +401,4 @@ class AutoDecayCallback(TrainerCallback, ExportableState):
     @staticmethod
     def _annotate(state, logs, extra: Dict[str, Any]) -> None:
         logs.update(extra)
-        # Trainer.log appended a copy of logs to log_history just before on_log.
-        last = state.log_history[-1] if state.log_history else {}
-        if last.get("step") == state.global_step and "loss" in last:
-            last.update(extra)
+        annotate_logged_entry(state, "loss", extra)

@@ -13,6 +13,8 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from timm_autodecay.lr_rules import joining_initial_lr
 
+from .trainer_internals import publish_lrs
+
 
 def set_base_lrs(scheduler: LambdaLR, base_lrs: List[float]) -> None:
     """Give the scheduler new base LRs and set the LR of the next step from them at once, so that the
@@ -25,7 +27,7 @@ def set_base_lrs(scheduler: LambdaLR, base_lrs: List[float]) -> None:
             group["lr"].fill_(lr)
         else:
             group["lr"] = lr
-    scheduler._last_lr = [group["lr"] for group in groups]
+    publish_lrs(scheduler)
 
 
 def initial_lrs(scheduler: LambdaLR) -> List[float]:
@@ -54,5 +56,5 @@ def adopt_new_groups(scheduler: LambdaLR, factor: float) -> int:
         group["initial_lr"] = joining_initial_lr(lr, now * factor if now > 0 else factor)
         scheduler.base_lrs.append(group["initial_lr"] * factor)
         scheduler.lr_lambdas.append(fn)
-    scheduler._last_lr = [group["lr"] for group in groups]
+    publish_lrs(scheduler)
     return len(groups) - known
