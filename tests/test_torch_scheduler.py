@@ -9,7 +9,7 @@ import torch
 
 from loss_curves import stage_loss
 from timm_autodecay import AutoDecayLR, StageDetector
-from timm_autodecay.torch_scheduler import LossAccumulator
+from timm_autodecay.losses import LossAccumulator
 
 SETTINGS = dict(num_stages=3, total_updates=3000, window=100, decay_shape="step")
 

@@ -7,7 +7,7 @@ from typing import Optional, Union
 import torch
 import torch.distributed as dist
 
-__all__ = ["mean_over_ranks"]
+__all__ = ["collective_device", "mean_over_ranks"]
 
 
 def mean_over_ranks(value: Union[float, torch.Tensor, None],
@@ -19,11 +19,16 @@ def mean_over_ranks(value: Union[float, torch.Tensor, None],
         value = float(value)
     if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
         return value
-    if device is None:
-        on_gpu = dist.get_backend() == "nccl"
-        device = torch.device("cuda", torch.cuda.current_device()) if on_gpu else torch.device("cpu")
+    device = device or collective_device()
     present = value is not None
     pair = torch.tensor([value if present else 0.0, float(present)], dtype=torch.float64, device=device)
     dist.all_reduce(pair)
     total, count = pair.tolist()
     return total / count if count else None
+
+
+def collective_device() -> torch.device:
+    """Where a collective of host numbers runs: the current GPU under NCCL (it reduces no CPU tensor), else the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")

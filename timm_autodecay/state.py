@@ -40,7 +40,8 @@ def check_state_fields(state: Any, fields: Mapping[str, Kinds], where: str) -> N
             raise StateError(f"AutoDecay state: '{prefix}{key}' must be {_kind_name(kinds)}, got {value!r}")
 
 
-def _require(condition: bool, key: str, message: str, value: Any) -> None:
+def require(condition: bool, key: str, message: str, value: Any) -> None:
+    """StateError naming ``key`` unless ``condition``: the one form of every face's state checks."""
     if not condition:
         raise StateError(f"AutoDecay state: '{key}' {message}, got {value!r}")
 
@@ -114,22 +115,22 @@ def validate(state: Dict[str, Any], settings: Dict[str, Any]) -> None:
         raise StateError(f"AutoDecay state: 'settings' differ from this run's ({detail}); resume with the "
                          f"settings the checkpoint was written with{hint}")
     stages, update = settings["num_stages"], state["update"]
-    _require(update >= 0, "update", "must be >= 0", update)
-    _require(0 <= state["stage"] < stages, "stage", f"must be in [0, {stages})", state["stage"])
+    require(update >= 0, "update", "must be >= 0", update)
+    require(0 <= state["stage"] < stages, "stage", f"must be in [0, {stages})", state["stage"])
     latest_start = max(update, settings["warmup_updates"])  # during warmup the first stage starts ahead
-    _require(0 <= state["stage_start"] <= latest_start, "stage_start", f"must be in [0, {latest_start}]",
+    require(0 <= state["stage_start"] <= latest_start, "stage_start", f"must be in [0, {latest_start}]",
              state["stage_start"])
     for key in ("nonfinite_losses", "nonfinite_streak", "bucket_count"):
-        _require(state[key] >= 0, key, "must be >= 0", state[key])
-    _require(math.isfinite(state["bucket_sum"]), "bucket_sum", "must be finite", state["bucket_sum"])
+        require(state[key] >= 0, key, "must be >= 0", state[key])
+    require(math.isfinite(state["bucket_sum"]), "bucket_sum", "must be finite", state["bucket_sum"])
     for i, point in enumerate(state["points"]):
-        _require(isinstance(point, list) and len(point) == 3 and all(
+        require(isinstance(point, list) and len(point) == 3 and all(
             isinstance(v, Number) and not isinstance(v, bool) and math.isfinite(v) for v in point),
             f"points[{i}]", "must be [update, mean loss, count] of finite numbers", point)
     for i, entry in enumerate(state["history"]):
         check_state_fields(entry, HISTORY_FIELDS, f"history[{i}]")
     cooling = state["cooldown_start"] is not None
-    _require(cooling == (state["cooldown_updates"] is not None), "cooldown_updates",
+    require(cooling == (state["cooldown_updates"] is not None), "cooldown_updates",
              "must be set exactly when 'cooldown_start' is", state["cooldown_updates"])
-    _require(not cooling or settings["decay_shape"] == "cooldown", "cooldown_start",
+    require(not cooling or settings["decay_shape"] == "cooldown", "cooldown_start",
              "must be null with the step shape", state["cooldown_start"])

@@ -10,23 +10,21 @@ LR at each update, annealing it from its LR at the cooldown's start to ``min_lr`
 """
 from __future__ import annotations
 
-import math
-import numbers
 import warnings
 import weakref
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Union
 
 import torch
-import torch.distributed as dist
 from torch.optim.lr_scheduler import LRScheduler
 
 from .detector import SETTINGS, Decision, FollowsDetector, StageDetector, check_float
+from .losses import LossAccumulator, check_loss
 from .lr_rules import floor_share, joining_initial_lr
 from .ranks import mean_over_ranks
 from .settings import check_known
 from .torch_state import check_scheduler_state, migrate_scheduler_state, scheduler_state
 
-__all__ = ["AutoDecayLR", "LossAccumulator", "check_decay_rate", "check_loss"]
+__all__ = ["AutoDecayLR", "check_decay_rate"]
 
 FOR_A_WARMUP = (
     "For a warmup, step a torch scheduler and AutoDecayLR side by side, each once per update "
@@ -53,92 +51,6 @@ def check_decay_rate(decay_rate: Any) -> float:
     if value == 0.0:
         raise ValueError(f"decay_rate must be in (0, 1), got {decay_rate!r}")
     return value
-
-
-def check_loss(loss: Any, what: str = "loss") -> Union[float, torch.Tensor]:
-    """A training loss (or another scalar, ``what``) as a float (host numbers, CPU tensors) or a one-element
-    tensor on its device."""
-    if isinstance(loss, torch.Tensor):
-        if loss.device.type == "meta":
-            raise ValueError(f"the {what} is a tensor on the 'meta' device, which holds no value: pass the "
-                             f"{what} computed on real data")
-        if loss.numel() != 1:
-            raise ValueError(f"the {what} must be a scalar (0-dim tensor or float), got shape {tuple(loss.shape)}")
-        if loss.dtype == torch.bool or loss.is_complex():
-            raise TypeError(f"the {what} must be a real number, got a tensor of {loss.dtype}")
-        loss = loss.detach().reshape(())
-        return float(loss) if loss.device.type == "cpu" else loss
-    if isinstance(loss, bool) or not isinstance(loss, numbers.Real):
-        raise TypeError(f"the {what} must be a float or a 0-dim tensor, got {type(loss).__name__} {loss!r}")
-    return float(loss)
-
-
-class LossAccumulator:
-    """Sums per-update losses where they live and reads them back only when the detector wants a
-    value, averaged over all ranks when ``torch.distributed`` is running.
-
-    Losses on an accelerator are summed there (no device sync per update); host numbers and CPU
-    tensors are summed in Python. Non-finite losses are left out of the sum and counted, so one bad
-    batch cannot poison a bucket.
-    """
-
-    def __init__(self) -> None:
-        self._device: Optional[torch.Tensor] = None  # [sum of finite losses, finite count, count]
-        self._host = [0.0, 0.0, 0.0]  # the same for host losses, and a checkpoint's restored totals
-        self.updates = 0
-
-    def add(self, loss: Any) -> None:
-        if not isinstance(loss, float):
-            loss = check_loss(loss)
-        if isinstance(loss, float) and not (dist.is_available() and dist.is_initialized()):
-            finite = math.isfinite(loss)
-            self._host[0] += loss if finite else 0.0
-            self._host[1] += finite
-            self._host[2] += 1.0
-        else:
-            loss = torch.as_tensor(loss, dtype=torch.float64 if not isinstance(loss, torch.Tensor) else None)
-            loss = loss.to(torch.float64 if loss.device.type == "cpu" else torch.float32)
-            finite = torch.isfinite(loss)
-            contribution = torch.stack(
-                [torch.where(finite, loss, torch.zeros_like(loss)), finite.to(loss.dtype), torch.ones_like(loss)]
-            )
-            self._device = contribution if self._device is None else self._device + contribution
-        self.updates += 1
-
-    def _totals(self) -> List[float]:
-        totals = list(self._host)
-        if self._device is not None:
-            totals = [a + b for a, b in zip(self._device.tolist(), totals)]
-        return totals
-
-    def read(self) -> Tuple[float, int]:
-        """Mean finite loss since the last read over all ranks (NaN if there was none), and how
-        many non-finite losses (all ranks together) were left out."""
-        if dist.is_available() and dist.is_initialized():
-            device = self._device.device if self._device is not None else torch.device("cpu")
-            totals = torch.tensor(self._host, dtype=torch.float64, device=device)
-            if self._device is not None:
-                totals = totals.to(self._device.dtype) + self._device
-            dist.all_reduce(totals)
-            loss_sum, finite, count = totals.tolist()
-        else:
-            loss_sum, finite, count = self._totals()
-        self._device, self._host, self.updates = None, [0.0, 0.0, 0.0], 0
-        return (loss_sum / finite if finite > 0 else float("nan")), int(round(count - finite))
-
-    def state_dict(self) -> Dict[str, float]:
-        """This rank's unread totals, without any collective: a checkpoint may be written by one
-        rank only."""
-        loss_sum, finite, count = self._totals()
-        return {"sum": loss_sum, "finite": finite, "count": count, "updates": self.updates}
-
-    def load_state_dict(self, state: Dict[str, float]) -> None:
-        """Checkpoints are usually written by rank 0 alone and read by every rank: only rank 0 takes
-        the saved losses back, so the next mean over ranks counts them once (exact in one process)."""
-        self._device, self._host = None, [0.0, 0.0, 0.0]
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
-            self._host = [float(state["sum"]), float(state["finite"]), float(state["count"])]
-        self.updates = int(state["updates"])
 
 
 def _set_lr(group: Dict[str, Any], lr: float) -> None:
@@ -297,8 +209,8 @@ class AutoDecayLR(FollowsDetector, LRScheduler):
 
     def _observe_pending_losses(self) -> None:
         count = self.accumulator.updates
-        mean, nonfinite = self.accumulator.read()
-        self._apply(self.detector.observe(mean, count, nonfinite))
+        losses = self.accumulator.read()
+        self._apply(self.detector.observe(losses.mean, count, losses.nonfinite))
 
     def _apply(self, decision: Decision) -> None:
         self.last_decision = decision

@@ -5,8 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any, Dict
 
-from .detector import STATE_VERSION, StateError, check_state_fields
-from .state import check_version
+from .state import STATE_VERSION, check_state_fields, check_version, require
 
 Number = (int, float)
 SCHEDULER_FIELDS = {
@@ -59,18 +58,13 @@ def migrate_scheduler_state(state: Any) -> Dict[str, Any]:
             "lrs": lrs if lrs is not None else state["base_lrs"], "cooldown_lrs": None}
 
 
-def _require(condition: bool, key: str, message: str, value: Any) -> None:
-    if not condition:
-        raise StateError(f"AutoDecay state: '{key}' {message}, got {value!r}")
-
-
 def _check_lrs(state: Dict[str, Any], key: str, groups: int) -> None:
     lrs = state[key]
-    _require(len(lrs) == groups, key, f"must hold one LR per param group: the checkpoint's optimizer had "
+    require(len(lrs) == groups, key, f"must hold one LR per param group: the checkpoint's optimizer had "
              f"{len(lrs)} group(s), this one has {groups}; build the optimizer with the groups it had when "
              "the checkpoint was saved, load the checkpoint, then add new groups", lrs)
     for i, lr in enumerate(lrs):
-        _require(isinstance(lr, Number) and not isinstance(lr, bool) and math.isfinite(lr) and lr >= 0,
+        require(isinstance(lr, Number) and not isinstance(lr, bool) and math.isfinite(lr) and lr >= 0,
                  f"{key}[{i}]", "must be a finite LR >= 0", lr)
 
 
@@ -81,18 +75,18 @@ def check_scheduler_state(sched: Any, state: Dict[str, Any]) -> None:
     check_state_fields(state["pending_losses"], PENDING_FIELDS, "pending_losses")
     for key in ("decay_rate", "min_lr", "warmup_start_factor"):
         saved, now = state[key], getattr(sched, key)
-        _require(saved == now, key, f"differs from this scheduler's ({now!r}); resume with the settings the "
+        require(saved == now, key, f"differs from this scheduler's ({now!r}); resume with the settings the "
                  "checkpoint was written with", saved)
     groups = len(sched.optimizer.param_groups)
     for key in ("base_lrs", "lrs") + (("cooldown_lrs",) if state["cooldown_lrs"] is not None else ()):
         _check_lrs(state, key, groups)
     pending = state["pending_losses"]
-    _require(pending["updates"] >= 0, "pending_losses.updates", "must be >= 0", pending["updates"])
-    _require(0 <= pending["finite"] <= pending["count"], "pending_losses.finite",
+    require(pending["updates"] >= 0, "pending_losses.updates", "must be >= 0", pending["updates"])
+    require(0 <= pending["finite"] <= pending["count"], "pending_losses.finite",
              f"must be in [0, count={pending['count']!r}]", pending["finite"])
-    _require(math.isfinite(pending["sum"]), "pending_losses.sum", "must be finite", pending["sum"])
+    require(math.isfinite(pending["sum"]), "pending_losses.sum", "must be finite", pending["sum"])
     detector_update = state["detector"].get("update")
     if isinstance(detector_update, int) and not isinstance(detector_update, bool):
         least = detector_update + pending["updates"]
-        _require(state["last_epoch"] >= least, "last_epoch", f"must count at least the detector's updates and "
+        require(state["last_epoch"] >= least, "last_epoch", f"must count at least the detector's updates and "
                  f"the pending ones ({least})", state["last_epoch"])
