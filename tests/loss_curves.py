@@ -55,8 +55,16 @@ def falling_curve(seed, length=3000, noise=0.02):
     return [v * (1.0 + noise * rng.gauss(0.0, 1.0)) for v in level], level
 
 
-def spike_grid(face, seeds=SPIKE_SEEDS, factors=SPIKE_FACTORS, every=1):
-    """Run ``face`` on ``falling_curve(seed)`` and on copies of it with one outlier in the middle of
+def plateau_curve(seed, tau, noise, length=3000):
+    """``0.2 + 1.8 exp(-i / tau)``, multiplicative Gaussian noise: a loss that levels off long before the
+    budget, so its stages end on plateaus, where the test hovers at its threshold. Returns (noisy, noise-free)."""
+    rng = random.Random(seed)
+    level = [0.2 + 1.8 * math.exp(-i / tau) for i in range(length)]
+    return [v * (1.0 + noise * rng.gauss(0.0, 1.0)) for v in level], level
+
+
+def spike_grid(face, seeds=SPIKE_SEEDS, factors=SPIKE_FACTORS, every=1, curve=falling_curve):
+    """Run ``face`` on ``curve(seed)`` (default ``falling_curve``) and on copies of it with one outlier in the middle of
     every ``every``-th bucket of the detector (before the clean run's last decision), for each factor.
 
     ``face`` is a small adapter over one face of the package: ``start()`` returns a fresh run and
@@ -68,7 +76,7 @@ def spike_grid(face, seeds=SPIKE_SEEDS, factors=SPIKE_FACTORS, every=1):
     """
     outcomes = []
     for seed in seeds:
-        losses, level = falling_curve(seed)
+        losses, level = curve(seed)
         clean = face.start()
         bucket = clean.bucket_size
         saved, at = {0: clean.save()}, 0

@@ -3,9 +3,11 @@
 A line through the points is first found with Tukey's resistant line (the slope between the medians
 of the first and last thirds of the window, the intercept the median through it), which a few wild
 points cannot tilt. Each point's residual from it is then clipped at ``OUTLIER_SCALES``
-robust standard deviations (1.4826 median absolute residuals), and weighted least squares on the
-clipped points gives the slope and its standard error. A spike or a dip of any size therefore moves
-the fit by at most one clipped point, while on clean data the clip rarely bites and the fit is
+robust standard deviations (1.4826 median absolute residuals), and a point beyond ``WILD`` times that
+limit (a bad batch, not noise) is put back on the line; weighted least squares on the points gives the
+slope and its standard error. A spike or a dip of any size therefore moves the fit by at most one clipped
+point, a wild one by nothing (clipped, it still pulled by a whole limit: on a run that plateaus, where the
+test hovers at its threshold, enough to move a decision), while on clean data neither bites and the fit is
 ordinary least squares. Every step (medians, the clip, least squares) commutes with ``a * loss + b``.
 """
 from __future__ import annotations
@@ -15,6 +17,7 @@ from statistics import median
 from typing import List, NamedTuple, Sequence, Tuple
 
 OUTLIER_SCALES = 3.0  # clean Gaussian bucket means reach 3 sd in 0.3% of cases
+WILD = 2.0  # beyond twice the clip (6 sd, once in 500 million clean buckets), a point carries no weight
 MAD_TO_SD = 1.4826  # median absolute deviation of a Gaussian, in standard deviations
 MAX_AUTOCORRELATION = 0.9  # caps the inflation of the standard error at sqrt(19)
 
@@ -40,7 +43,7 @@ def clip_outliers(points: Sequence[Tuple[float, float, float]]) -> List[Tuple[fl
     residuals = [y - (intercept + slope * t) for t, y, _ in points]
     limit = OUTLIER_SCALES * MAD_TO_SD * median(abs(r) for r in residuals)
     return [
-        (t, intercept + slope * t + max(-limit, min(limit, r)), w)
+        (t, intercept + slope * t + (max(-limit, min(limit, r)) if abs(r) <= WILD * limit else 0.0), w)
         for (t, _, w), r in zip(points, residuals)
     ]
 
