@@ -13,10 +13,10 @@ were added): those had no effect yet, and this run's are taken (``eval_mode`` fo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Mapping, Optional
 
 from timm_autodecay.detector import StageDetector, StateError, check_float, check_state_fields
-from timm_autodecay.state import migrate
+from timm_autodecay.state import adopt_evaluation_settings
 from timm_autodecay.torch_scheduler import check_decay_rate
 
 from .eval_signal import check_eval_signal
@@ -59,11 +59,9 @@ def _read(entry: Any, step: int, eval_settings: Mapping[str, Any]) -> Optional[S
         return None
     where = f"{ENTRY_KEY}.attributes.detector_state"
     try:
-        state = migrate(saved)
+        state = adopt_evaluation_settings(saved, eval_settings)
     except StateError as error:
         raise StateError(f"{where}: {error}") from error
-    if _no_evaluation_recorded(state):
-        state = {**state, "settings": {**state["settings"], **eval_settings}}
     try:
         detector = StageDetector.from_settings(state["settings"])
     except ValueError as error:
@@ -76,14 +74,6 @@ def _read(entry: Any, step: int, eval_settings: Mapping[str, Any]) -> Optional[S
         raise StateError(f"{where}: 'update' is {detector.update}, past the checkpoint's step {step}: the "
                          "entry belongs to a later checkpoint")
     return SavedEntry(decay_rate, min_lr, detector)
-
-
-def _no_evaluation_recorded(state: Dict[str, Any]) -> bool:
-    """True when the (migrated) state has seen no evaluation; False also when its record is malformed (the
-    detector's check then names what is wrong)."""
-    evaluations = state.get("evaluations")
-    return (isinstance(evaluations, dict) and evaluations.get("count") == 0 and evaluations.get("recent") == []
-            and evaluations.get("best_value") is None and evaluations.get("nonfinite") == 0)
 
 
 def _named(key: str, check, value: Any):

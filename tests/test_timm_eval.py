@@ -8,14 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from timm_train_py import (BASE_LR, UPE, Toy, eval_args, falling_loss, import_timm_scheduler, make_args,
-                           peaked_metrics, replayed_history, train_py, yaml_keys)
+from timm_train_py import (BASE_LR, UPE, Toy, carried_state, eval_args, falling_loss, import_timm_scheduler,
+                           load_checkpoint, make_args, peaked_metrics, replayed_history, train_py, yaml_keys)
 
-from timm_autodecay import timm_factory
 from timm_autodecay.detector import StageDetector, StateError
 from timm_autodecay.evaluations import first_ending
 from timm_autodecay.state import EVALUATION_SETTINGS
-from timm_autodecay.timm_state import STATE_FILE, read_entries
 
 PEAK = 8  # the evaluation after epoch PEAK is the best
 PATIENCE = 3  # eval_patience's default
@@ -26,12 +24,6 @@ def ended_after(history):
     """The epoch whose evaluation ended the stable phase (decisions on evaluations fall on epoch ends)."""
     assert history and history[0]["reason"] == "evaluation", history
     return history[0]["update"] // UPE - 1
-
-
-@pytest.fixture
-def stateless(monkeypatch):
-    """Schedulers that save no state file (a test's own state_dict() calls do): without the warning about it."""
-    monkeypatch.setattr(timm_factory, "_warned_no_state_dir", True)
 
 
 def create(**kwargs):
@@ -75,10 +67,13 @@ def test_a_peaked_metric_starts_the_cooldown_after_patience_evaluations_and_resu
     assert last["epoch"] < 29 and last["validation"] == evaluate(last["epoch"])
     assert scheduler.best_eval == {"value": evaluate(PEAK)["top1"], "update": (PEAK + 1) * UPE}
 
-    # each epoch's entry holds that epoch's evaluation (rewritten after train.py handed it over)
-    entries = read_entries(str(tmp_path / "a" / STATE_FILE))
-    assert [e["state"]["detector"]["evaluations"]["best_value"] for e in entries] == [
-        max(evaluate(k)["top1"] for k in range(e["epoch"])) for e in entries]
+    # train.py checkpoints before it hands over the epoch's evaluation: each checkpoint's state holds the
+    # evaluations before its epoch's, and CheckpointSaver keeps that one as the checkpoint's metric
+    for epoch in range(1, last["epoch"] + 1):
+        saved = load_checkpoint(tmp_path / "a" / f"checkpoint-{epoch}.pth.tar")
+        state = carried_state(tmp_path / "a" / f"checkpoint-{epoch}.pth.tar")
+        assert state["evaluated_epoch"] == epoch and saved["metric"] == evaluate(epoch)["top1"]
+        assert state["detector"]["evaluations"]["best_value"] == max(evaluate(k)["top1"] for k in range(epoch))
     # resumed from the checkpoint after the peak, before the evaluation that ends the phase: the same future
     checkpoint = PEAK + 2
     assert checkpoint < ended_after(scheduler.history)
@@ -93,6 +88,53 @@ def test_a_peaked_metric_starts_the_cooldown_after_patience_evaluations_and_resu
     assert resumed["scheduler"].state_dict()["detector"] == scheduler.state_dict()["detector"]
 
 
+@pytest.fixture(scope="module")
+def evaluated_run(tmp_path_factory):
+    """One unbroken run evaluated every epoch, whose cooldown an evaluation starts; all its checkpoints kept."""
+    folder = tmp_path_factory.mktemp("evaluated")
+    return folder, train_py(folder, eval_args(), evaluate=peaked_metrics(PEAK), loss_fn=falling_loss)
+
+
+def resume_copy(evaluated_run, tmp_path, epoch, strip_metric=False):
+    """Resume from checkpoint ``epoch`` in a copy of the run's folder, its newer checkpoints there too."""
+    folder = tmp_path / "run"
+    shutil.copytree(evaluated_run[0], folder)
+    checkpoint = folder / f"checkpoint-{epoch}.pth.tar"
+    if strip_metric:
+        saved = load_checkpoint(checkpoint)
+        del saved["metric"]
+        torch.save(saved, checkpoint)
+    log = []
+    run = train_py(folder, make_args(**{**vars(eval_args()), "resume": str(checkpoint)}), evaluate=peaked_metrics(PEAK),
+                   loss_fn=falling_loss, batch_log=log)
+    return run["scheduler"], log
+
+
+@pytest.mark.parametrize("before", [3, 1, 0, -2], ids=["3-before", "1-before", "its-own", "2-after"])
+def test_any_checkpoint_resumes_exactly_with_the_evaluation_it_was_saved_before(evaluated_run, tmp_path, before):
+    """train.py checkpoints, then hands the epoch's evaluation to ``step``: the checkpoint whose own evaluation
+    starts the cooldown carries a state that has not judged it, and resumes with it all the same (read from the
+    checkpoint's metric), as do older and newer checkpoints, the newer ones present."""
+    unbroken = evaluated_run[1]
+    ended = ended_after(unbroken["scheduler"].history)
+    epoch = ended - before
+    assert (carried_state(evaluated_run[0] / f"checkpoint-{epoch}.pth.tar")["detector"]["cooldown_start"] is None) == (
+        epoch <= ended)
+    scheduler, log = resume_copy(evaluated_run, tmp_path, epoch)
+    assert log == [b for b in unbroken["log"] if b["epoch"] > epoch]
+    assert scheduler.history == unbroken["scheduler"].history and scheduler.best_eval == unbroken["scheduler"].best_eval
+    assert scheduler.state_dict()["detector"] == unbroken["scheduler"].state_dict()["detector"]
+
+
+def test_a_checkpoint_without_its_metric_resumes_with_a_warning(evaluated_run, tmp_path, caplog):
+    """Without the checkpoint's metric, its epoch's evaluation is lost: a warning says so, and the phase ends later."""
+    caplog.set_level(logging.WARNING, logger="timm_autodecay")
+    unbroken = evaluated_run[1]
+    scheduler, _ = resume_copy(evaluated_run, tmp_path, ended_after(unbroken["scheduler"].history), strip_metric=True)
+    assert any("holds no 'metric'" in r.getMessage() and "may differ" in r.getMessage() for r in caplog.records)
+    assert ended_after(scheduler.history) > ended_after(unbroken["scheduler"].history)
+
+
 @pytest.mark.parametrize("eval_metric, decreasing, extra, mode", [
     ("top1", False, {}, "max"),  # train.py: decreasing_metric = eval_metric == 'loss'
     ("loss", True, {}, "min"),
@@ -100,7 +142,7 @@ def test_a_peaked_metric_starts_the_cooldown_after_patience_evaluations_and_resu
     ("loss", None, {}, "min"),
     ("top1", False, {"autodecay_eval_mode": "min"}, "min"),  # the config key wins
 ])
-def test_the_direction_follows_the_eval_metrics_name(stateless, eval_metric, decreasing, extra, mode):
+def test_the_direction_follows_the_eval_metrics_name(eval_metric, decreasing, extra, mode):
     timm_scheduler = import_timm_scheduler()
     args = eval_args(eval_metric=eval_metric, autodecay_end_training=False, **extra)
     given = {} if decreasing is None else {"decreasing_metric": decreasing}
@@ -122,7 +164,7 @@ def test_the_direction_follows_the_eval_metrics_name(stateless, eval_metric, dec
     ({"epochs": 100, "autodecay_eval_signal": True}, True),
     ({"autodecay_eval_signal": False}, False),
 ])
-def test_the_signal_is_on_by_default_where_train_py_evaluates_a_few_dozen_times(stateless, caplog, overrides, on):
+def test_the_signal_is_on_by_default_where_train_py_evaluates_a_few_dozen_times(caplog, overrides, on):
     caplog.set_level(logging.INFO, logger="timm_autodecay")
     timm_scheduler = import_timm_scheduler()
     args = eval_args(**overrides)
@@ -134,13 +176,13 @@ def test_the_signal_is_on_by_default_where_train_py_evaluates_a_few_dozen_times(
                for r in caplog.records)
 
 
-def test_the_python_factory_judges_step_metrics_only_when_asked(stateless):
+def test_the_python_factory_judges_step_metrics_only_when_asked():
     assert not create().eval_signal  # no train.py facts: what step() gets is unknown
     scheduler = create(autodecay_eval_signal=True, plateau_mode="min")
     assert scheduler.eval_signal and scheduler.detector.eval_mode == "min"
 
 
-def test_no_metric_changes_nothing(stateless):
+def test_no_metric_changes_nothing():
     """``step(epoch, None)``: an epoch whose evaluation train.py skipped (``--val-interval``)."""
     evaluate = peaked_metrics(PEAK)
     scheduler = create(autodecay_eval_signal=True)
@@ -165,7 +207,7 @@ def downgraded(state):
     return dict(state, detector=detector)
 
 
-def test_a_state_written_before_evaluations_resumes_and_judges_them_from_there(stateless):
+def test_a_state_written_before_evaluations_resumes_and_judges_them_from_there():
     evaluate = peaked_metrics(PEAK)
     unbroken = create(autodecay_eval_signal=True)  # eval_mode max: timm's plateau_mode default
     drive(unbroken, lambda epoch: None, stop=5)

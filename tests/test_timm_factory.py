@@ -1,5 +1,6 @@
 """timm's scheduler factory with ``sched="autodecay"``: what it builds, what it leaves alone, the
-checkpoint folder it finds, and the bad settings it refuses."""
+bad settings it refuses (also those of an earlier release), and no peeking into its callers."""
+import re
 import warnings
 from pathlib import Path
 
@@ -7,7 +8,6 @@ import pytest
 import torch
 from timm_train_py import BASE_LR, UPE, Toy, import_timm_scheduler, make_args, yaml_keys
 
-from timm_autodecay import timm_factory
 from timm_autodecay.detector import SETTINGS
 from timm_autodecay.timm_factory import YAML_KEYS
 
@@ -15,14 +15,14 @@ ROOT = Path(__file__).resolve().parents[1]
 ORIGINAL = "__timm_autodecay_original__"
 
 
-def test_factory_builds_autodecay_and_leaves_other_schedules_alone(tmp_path, monkeypatch):
+def test_factory_builds_autodecay_and_leaves_other_schedules_alone():
     from timm_autodecay.timm_scheduler import AutoDecayScheduler
 
     timm_scheduler = import_timm_scheduler()
     optimizer = torch.optim.SGD(Toy().parameters(), lr=BASE_LR)
     scheduler, num_epochs = timm_scheduler.create_scheduler_v2(
         optimizer, sched="autodecay", num_epochs=30, updates_per_epoch=UPE, warmup_epochs=2, warmup_prefix=True,
-        decay_rate=0.5, autodecay_num_stages=2, autodecay_state_dir=str(tmp_path), **yaml_keys())
+        decay_rate=0.5, autodecay_num_stages=2, **yaml_keys())
     assert isinstance(scheduler, AutoDecayScheduler) and num_epochs == 32  # warmup_prefix adds, as in timm
     assert scheduler.detector.total_updates == 32 * UPE and scheduler.detector.warmup_updates == 2 * UPE
     assert scheduler.detector.num_stages == 2 and scheduler.detector.window == 20
@@ -42,41 +42,66 @@ def test_factory_builds_autodecay_and_leaves_other_schedules_alone(tmp_path, mon
     theirs, _ = original_create(torch.optim.SGD(Toy().parameters(), lr=BASE_LR), **kwargs, updates_per_epoch=UPE)
     assert type(ours) is type(theirs) is timm_scheduler.CosineLRScheduler
     assert [ours._get_lr(t) for t in range(30)] == [theirs._get_lr(t) for t in range(30)]
-    # timm's create_scheduler (v1) goes through the same factory (it has no state folder argument; the warning
-    # about that has its own test)
-    monkeypatch.setattr(timm_factory, "_warned_no_state_dir", True)
+    # timm's create_scheduler (v1) goes through the same factory
     v1 = timm_scheduler.create_scheduler(make_args(**yaml_keys()), optimizer, updates_per_epoch=UPE)
     assert isinstance(v1[0], AutoDecayScheduler)
 
 
-def test_the_python_factory_without_a_checkpoint_folder_warns_once(monkeypatch, tmp_path):
-    """Outside train.py (no ``saver``) nothing is saved for resume: a clear warning, given once."""
-    monkeypatch.setattr(timm_factory, "_warned_no_state_dir", False)
+def test_the_python_factory_needs_no_folder_and_its_optimizer_state_carries_the_schedule():
+    """Outside train.py, too, nothing but the optimizer's state is needed: no warning, and a loop that saves
+    ``optimizer.state_dict()`` and loads it into a fresh optimizer resumes the schedule with ``step(epoch)``."""
     timm_scheduler = import_timm_scheduler()
 
-    def create(**extra):
+    def create():
         optimizer = torch.optim.SGD(Toy().parameters(), lr=BASE_LR)
-        return timm_scheduler.create_scheduler_v2(optimizer, sched="autodecay", num_epochs=30,
-                                                  updates_per_epoch=UPE, **extra)[0]
-    with pytest.warns(UserWarning, match=r"saves no autodecay_state.json .* autodecay_state_dir=FOLDER"):
-        assert create().state_dir is None
+        return timm_scheduler.create_scheduler_v2(optimizer, sched="autodecay", num_epochs=30, updates_per_epoch=UPE,
+                                                  autodecay_end_training=False, **yaml_keys())[0], optimizer
+    losses = [1.0 + 0.001 * (n % 7) for n in range(300)]
+
+    def feed(scheduler, optimizer, epochs, lrs):
+        for n in range(epochs.start * UPE + 1, epochs.stop * UPE + 1):
+            lrs.append(optimizer.param_groups[0]["lr"])
+            k = (n - 1) % UPE + 1
+            scheduler.step_update(n, metric=sum(losses[n - k:n]) / k)
+            if n % UPE == 0:
+                scheduler.step(n // UPE)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        create()  # once per process
-        monkeypatch.setattr(timm_factory, "_warned_no_state_dir", False)
-        assert create(autodecay_state_dir=str(tmp_path)).state_dir == str(tmp_path)  # a folder: no warning
+        (unbroken, opt_a), (first, opt_b) = create(), create()
+    lrs_a, lrs_b = [], []
+    feed(unbroken, opt_a, range(0, 30), lrs_a)
+    feed(first, opt_b, range(0, 12), lrs_b)
+    saved = opt_b.state_dict()
+    resumed, opt_c = create()
+    opt_c.load_state_dict(saved)
+    resumed.step(12)
+    feed(resumed, opt_c, range(12, 30), lrs_b)
+    assert lrs_a == lrs_b and resumed.history == unbroken.history and len(unbroken.history) >= 2
 
 
-def test_train_py_checkpoint_dir_is_found_in_the_calling_frames(tmp_path):
-    def main():  # train.py's main(): its saver is a local, only on the primary rank
-        saver = type("CheckpointSaver", (), {"checkpoint_dir": str(tmp_path)})()
-        assert saver
-        return factory()
+@pytest.mark.parametrize("where", ["create_scheduler_v2", "config", "class"])
+def test_the_retired_state_dir_key_says_what_replaced_it(where, tmp_path):
+    from timm_autodecay.timm_scheduler import AutoDecayScheduler
 
-    def factory():
-        return timm_factory.train_py_checkpoint_dir()
-    assert main() == str(tmp_path)
-    assert factory() is None
+    timm_scheduler = import_timm_scheduler()
+    optimizer = torch.optim.SGD(Toy().parameters(), lr=BASE_LR)
+    expected = r"state_dir is no longer a setting: .*travels in the optimizer's state.*drop this key"
+    with pytest.raises(ValueError, match=expected):
+        if where == "create_scheduler_v2":
+            timm_scheduler.create_scheduler_v2(optimizer, sched="autodecay", num_epochs=30, updates_per_epoch=UPE,
+                                               autodecay_state_dir=str(tmp_path))
+        elif where == "config":
+            timm_scheduler.scheduler_kwargs(make_args(autodecay_state_dir=str(tmp_path)))
+        else:
+            AutoDecayScheduler(optimizer, updates_per_epoch=UPE, t_initial=30, state_dir=str(tmp_path))
+
+
+def test_no_module_of_the_package_reads_its_callers_frames():
+    """The checkpoint folder was once looked up in train.py's frames; the state now travels in the optimizer's
+    state, and nothing inspects a caller."""
+    found = [f"{path.name}: {match}" for path in sorted((ROOT / "timm_autodecay").rglob("*.py"))
+             for match in re.findall(r"_getframe|f_locals|f_back|inspect\.(?:stack|currentframe)", path.read_text())]
+    assert found == []
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -98,7 +123,7 @@ def test_train_py_checkpoint_dir_is_found_in_the_calling_frames(tmp_path):
 def test_bad_settings_are_rejected_clearly(kwargs, message):
     timm_scheduler = import_timm_scheduler()
     optimizer = torch.optim.SGD(Toy().parameters(), lr=BASE_LR)
-    arguments = dict(sched="autodecay", num_epochs=30, updates_per_epoch=UPE, autodecay_state_dir="unused")
+    arguments = dict(sched="autodecay", num_epochs=30, updates_per_epoch=UPE)
     arguments.update(kwargs)
     with pytest.raises(ValueError, match=message):
         timm_scheduler.create_scheduler_v2(optimizer, **arguments)

@@ -76,7 +76,7 @@ def test_under_ddp_older_train_py_feeds_the_latest_logged_loss(one_rank_group):
     optimizer = torch.optim.SGD(Toy().parameters(), lr=BASE_LR)
     scheduler = import_timm_scheduler().create_scheduler_v2(
         optimizer, sched="autodecay", num_epochs=30, updates_per_epoch=UPE, autodecay_end_training=False,
-        autodecay_state_dir="", **yaml_keys())[0]
+        **yaml_keys())[0]
     rng = random.Random(2)
     losses = [0.5 + 2.0 / (1 + n / 20) + 0.05 * rng.gauss(0, 1) for n in range(30 * UPE)]
     log_interval = 4

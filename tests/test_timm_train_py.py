@@ -12,6 +12,8 @@ from timm_train_py import (
     BASE_LR,
     UPE,
     Toy,
+    carried_state,
+    load_checkpoint,
     detector_settings,
     import_timm_scheduler,
     make_args,
@@ -22,13 +24,14 @@ from timm_train_py import (
 )
 
 from timm_autodecay.detector import StageDetector
+from timm_autodecay.timm_legacy import STATE_FILE
 from timm_autodecay.timm_loop import AutoDecayFinished
-from timm_autodecay.timm_state import STATE_FILE, read_entries
+from timm_autodecay.timm_resume import STATE_KEY
 
 
 def unread(state):
     """Losses a saved scheduler state holds that the detector has not seen."""
-    return state["pending_losses"]["finite"] + state["pending_losses"]["nonfinite"]
+    return state["pending_losses"]["count"]
 
 
 @pytest.mark.parametrize("sched_on_updates", [False, True])
@@ -59,7 +62,7 @@ def test_train_py_loop_decays_on_plateaus_and_ends_early(tmp_path, caplog, sched
     assert results[-1]["epoch"] == last_epoch and len(results) == last_epoch + 1
     assert log[-1]["update"] == (last_epoch + 1) * UPE  # no batch of the next epoch
     assert summary_epochs(tmp_path)[-1] == last_epoch
-    assert torch.load(tmp_path / "last.pth.tar", weights_only=True)["epoch"] == last_epoch
+    assert load_checkpoint(tmp_path / "last.pth.tar")["epoch"] == last_epoch
     assert (tmp_path / f"checkpoint-{last_epoch}.pth.tar").exists()
     assert any(f"training ends after epoch {last_epoch}" in r.getMessage() for r in caplog.records)
     assert any("the last stage (2) ended at update" in r.getMessage() for r in caplog.records)
@@ -68,14 +71,14 @@ def test_train_py_loop_decays_on_plateaus_and_ends_early(tmp_path, caplog, sched
     run["optimizer"].zero_grad()
     run["optimizer"].step()
 
-    # the state file: one entry per completed epoch, written atomically (no temporary left)
-    saved = read_entries(str(tmp_path / STATE_FILE))
-    assert [entry["epoch"] for entry in saved] == list(range(1, last_epoch + 2))
-    assert saved[-1]["state"]["detector"]["finished"] is True
+    # each checkpoint carries the schedule's state after its epoch in its optimizer state; no file of its own
+    saved = [carried_state(tmp_path / f"checkpoint-{epoch}.pth.tar") for epoch in range(last_epoch + 1)]
+    assert [state["num_updates"] for state in saved] == [(epoch + 1) * UPE for epoch in range(last_epoch + 1)]
+    assert saved[-1]["detector"]["finished"] is True
     # every epoch's losses were read (averaged over ranks) before its state was saved: a state
     # written by rank 0 alone holds nothing rank-specific, so all ranks may resume from it
-    assert all(unread(entry["state"]) == 0 for entry in saved)
-    assert [p.name for p in tmp_path.iterdir() if ".tmp" in p.name] == []
+    assert all(unread(state) == 0 for state in saved)
+    assert not (tmp_path / STATE_FILE).exists() and [p.name for p in tmp_path.iterdir() if ".tmp" in p.name] == []
 
 
 def test_ends_only_where_train_py_checkpoints(tmp_path):
@@ -87,7 +90,7 @@ def test_ends_only_where_train_py_checkpoints(tmp_path):
     assert boundary < end < 30
     assert run["log"][-1]["update"] == end * UPE  # trained on to that boundary, not a batch more
     assert run["results"][-1]["epoch"] == end - 1
-    assert torch.load(tmp_path / "n" / "last.pth.tar", weights_only=True)["epoch"] == end - 1
+    assert load_checkpoint(tmp_path / "n" / "last.pth.tar")["epoch"] == end - 1
 
 
 def test_warmup_like_timm_and_no_decision_during_it(tmp_path):
@@ -120,14 +123,14 @@ def test_lr_scale_and_min_lr_floor(tmp_path):
     assert all(b == pytest.approx(a * 0.5) for a, b in lrs)
 
 
-def test_every_epoch_end_reads_the_pending_losses(tmp_path):
+def test_every_epoch_end_reads_the_pending_losses():
     """Buckets of 3 updates, epochs of 10: each epoch's last update still hands its partial bucket
-    to the detector (a collective on every rank), so the state saved there holds no rank's own
-    unread losses; the decisions are the same as with whole buckets."""
+    to the detector (a collective on every rank), so the state it puts in the optimizer's state for
+    train.py's checkpoint holds no rank's own unread losses; the decisions are the same as with whole buckets."""
     from timm_autodecay.timm_scheduler import AutoDecayScheduler
 
     optimizer = torch.optim.SGD(Toy().parameters(), lr=BASE_LR)
-    scheduler = AutoDecayScheduler(optimizer, updates_per_epoch=UPE, t_initial=30, state_dir=str(tmp_path),
+    scheduler = AutoDecayScheduler(optimizer, updates_per_epoch=UPE, t_initial=30,
                                    **detector_settings(window=75, patience=10))
     assert scheduler.detector.bucket_size == 3
     rng = random.Random(2)
@@ -137,9 +140,9 @@ def test_every_epoch_end_reads_the_pending_losses(tmp_path):
         scheduler.step_update(n, metric=sum(losses[n - k:n]) / k)
         if n % UPE == 0:
             assert unread(scheduler.state_dict()) == 0 and scheduler.detector.update == n
+            carried = optimizer.param_groups[0][STATE_KEY]  # what train.py's checkpoint would take now
+            assert carried["num_updates"] == n and unread(carried) == 0 and carried["evaluated_epoch"] == 0
             scheduler.step(n // UPE)
-    saved = read_entries(str(tmp_path / STATE_FILE))
-    assert len(saved) == 20 and all(unread(entry["state"]) == 0 for entry in saved)
     assert scheduler.history and scheduler.history == replayed_history(scheduler, losses)
 
 
@@ -185,8 +188,8 @@ def test_two_ranks_take_the_same_decisions_from_the_mean_loss(tmp_path, torchrun
         if not detector.finished:
             detector.observe(loss)
     assert detector.history == r0["history"]
-    assert (tmp_path / "run" / STATE_FILE).exists()
-    # resumed on both ranks from rank 0's state file: the unbroken run's LRs and losses, update for update
+    assert carried_state(tmp_path / "run" / "last.pth.tar")["detector"]["finished"]
+    # resumed on both ranks from rank 0's checkpoint: the unbroken run's LRs and losses, update for update
     for record in (r0, r1):
         expected = [b for b in record["log"] if b["epoch"] >= record["crash_epoch"]]
         assert record["resumed"] == expected and expected

@@ -1,14 +1,17 @@
 """timm's ``train.py`` in miniature, for the timm face's tests, and their two-rank worker.
 
 ``train_py`` below is timm's train.py main loop as far as the scheduler can tell (the calls and their
-order as in a timm checkout): ``create_scheduler_v2(**scheduler_kwargs(args))``, the resume ``step``,
-``zero_grad`` at the top of each epoch, ``step_update(num_updates, metric=losses_m.avg)`` after each
-update, then the evaluation (``--val-split``; none by default here, so train.py passes the training loss),
-summary row, checkpoint (timm's own CheckpointSaver, in a local named ``saver``), ``step(epoch + 1,
-latest_metric)`` and the result entry, inside ``try: ... except KeyboardInterrupt``. The "model" is a
-synthetic loss that relaxes towards a level set by the learning rate; its state is a parameter, so
-checkpoints carry it and a resumed run sees the very losses an unbroken one sees. Tests that evaluate pass
-``evaluate(epoch, rank) -> {"loss", "top1"}`` (and may pass ``loss_fn(update, rank)`` for the training loss).
+order as in a timm checkout): the resume of model and optimizer state from ``--resume`` (timm's own
+``resume_checkpoint``, which loads the optimizer's state as the checkout's ``resume_task_checkpoint`` does; not
+the optimizer's with ``--no-resume-opt``) before ``create_scheduler_v2(**scheduler_kwargs(args))``, the resume
+``step`` (at ``--start-epoch`` if given), ``zero_grad`` at the top of each epoch, ``step_update(num_updates,
+metric=losses_m.avg)`` after each update, then the evaluation (``--val-split``; none by default here, so
+train.py passes the training loss), summary row, checkpoint (timm's own CheckpointSaver, with ``args``, the
+optimizer's state and the metric), ``step(epoch + 1, latest_metric)`` and the result entry, inside ``try: ...
+except KeyboardInterrupt``. The "model" is a synthetic loss that relaxes towards a level set by the learning
+rate; its state is a parameter, so checkpoints carry it and a resumed run sees the very losses an unbroken one
+sees. Tests that evaluate pass ``evaluate(epoch, rank) -> {"loss", "top1"}`` (and may pass
+``loss_fn(update, rank)`` for the training loss).
 
 Detector settings are explicit and small; expected decisions come from a bare StageDetector fed
 the same per-update losses, so the tests check the plumbing, not the detector's tuning.
@@ -126,9 +129,9 @@ def eval_args(**overrides):
 
 
 def make_args(**kw):
-    base = dict(sched="autodecay", epochs=30, decay_rate=0.1, min_lr=0.0, warmup_lr=1e-5, warmup_epochs=0,
-                warmup_prefix=False, sched_on_updates=False, resume="", val_interval=1, seed=42, val_split="",
-                eval_metric="top1")
+    base = dict(model="toy", sched="autodecay", epochs=30, decay_rate=0.1, min_lr=0.0, warmup_lr=1e-5,
+                warmup_epochs=0, warmup_prefix=False, sched_on_updates=False, resume="", no_resume_opt=False,
+                start_epoch=None, val_interval=1, seed=42, val_split="", eval_metric="top1")
     base.update(kw)
     return argparse.Namespace(**base)
 
@@ -136,6 +139,7 @@ def make_args(**kw):
 def train_py(out_dir, args, rank=0, offset=0.0, crash_at=None, lr_scale=None, batch_log=None, evaluate=None,
              loss_fn=None):
     """timm train.py's main(), as far as the scheduler can tell. Returns what the test inspects."""
+    from timm.models import resume_checkpoint
     from timm.utils import AverageMeter, CheckpointSaver, update_summary
 
     timm_scheduler = import_timm_scheduler()
@@ -148,10 +152,8 @@ def train_py(out_dir, args, rank=0, offset=0.0, crash_at=None, lr_scale=None, ba
 
     resume_epoch = None
     if args.resume:
-        checkpoint = torch.load(args.resume, weights_only=True)
-        model.load_state_dict(checkpoint["state_dict"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        resume_epoch = checkpoint["epoch"] + 1  # timm: version 2 checkpoints
+        resume_epoch = resume_checkpoint(model, args.resume, optimizer=None if args.no_resume_opt else optimizer,
+                                         log_info=False)
     if args.val_split and evaluate is None:
         raise ValueError("train_py: --val-split needs evaluate(epoch, rank)")
     eval_metric = args.eval_metric if args.val_split else "loss"  # train.py: no loader_eval, the training loss
@@ -160,12 +162,17 @@ def train_py(out_dir, args, rank=0, offset=0.0, crash_at=None, lr_scale=None, ba
     output_dir = None
     if rank == 0:
         output_dir = str(out_dir)
-        saver = CheckpointSaver(model=model, optimizer=optimizer, checkpoint_dir=output_dir,
+        os.makedirs(output_dir, exist_ok=True)  # train.py: utils.get_outdir(...) creates it
+        saver = CheckpointSaver(model=model, optimizer=optimizer, args=args, checkpoint_dir=output_dir,
                                 recovery_dir=output_dir, decreasing=decreasing_metric, max_history=100)
 
     lr_scheduler, num_epochs = timm_scheduler.create_scheduler_v2(
         optimizer, **timm_scheduler.scheduler_kwargs(args, decreasing_metric=decreasing_metric), updates_per_epoch=UPE)
-    start_epoch = resume_epoch or 0
+    start_epoch = 0
+    if args.start_epoch is not None:
+        start_epoch = args.start_epoch  # a specified start_epoch always overrides the resume epoch
+    elif resume_epoch is not None:
+        start_epoch = resume_epoch
     if lr_scheduler is not None and start_epoch > 0:
         if args.sched_on_updates:
             lr_scheduler.step_update(start_epoch * UPE)
@@ -216,6 +223,19 @@ def train_py(out_dir, args, rank=0, offset=0.0, crash_at=None, lr_scale=None, ba
             "optimizer": optimizer}
 
 
+def load_checkpoint(path):
+    """A checkpoint as timm's resume loads it (``weights_only``, its ``args`` a Namespace)."""
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, weights_only=True)
+
+
+def carried_state(path):
+    """The AutoDecay state a checkpoint carries in its optimizer state."""
+    from timm_autodecay.timm_resume import STATE_KEY
+
+    return load_checkpoint(path)["optimizer"]["param_groups"][0][STATE_KEY]
+
+
 def replayed_history(scheduler, losses):
     """Decisions of a bare detector with the scheduler's settings on these per-update losses."""
     detector = StageDetector(**scheduler.detector.settings())
@@ -259,8 +279,8 @@ def two_rank_worker(out_dir):
               "results": [r["epoch"] for r in run["results"]], "finished": run["scheduler"].finished,
               "crash_epoch": crash_epoch, "resumed": [b for b in resumed if b["epoch"] >= crash_epoch]}
     (out_dir / f"rank{rank}.json").write_text(json.dumps(record))
-    dist.destroy_process_group()
-
+    dist.barrier()
+    os._exit(0)  # not gloo's teardown: under load it sometimes aborts at exit, after all the work is written
 
 
 def eval_rank_worker(out_dir):
@@ -284,4 +304,4 @@ def eval_rank_worker(out_dir):
               "settings": scheduler.detector.settings(), "results": [r["epoch"] for r in run["results"]]}
     (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(record))
     dist.barrier()
-    dist.destroy_process_group()
+    os._exit(0)  # as two_rank_worker

@@ -102,6 +102,19 @@ def migrate(state: Any) -> Dict[str, Any]:
     return state
 
 
+def adopt_evaluation_settings(saved: Any, eval_settings: Mapping[str, Any]) -> Dict[str, Any]:
+    """A detector state migrated, with this run's evaluation settings (``EVALUATION_SETTINGS``) where it has
+    judged no evaluation (every state written before evaluations were added): they had no effect on it yet, so
+    a run that now evaluates, in either direction, resumes it. Every face resumes through this."""
+    state = migrate(saved)
+    evaluations = state.get("evaluations")
+    judged_none = (isinstance(evaluations, dict) and evaluations.get("count") == 0 and evaluations.get("recent") == []
+                   and evaluations.get("best_value") is None and evaluations.get("nonfinite") == 0)
+    if not judged_none:  # a malformed record is left for the detector's check to name
+        return state
+    return {**state, "settings": {**state["settings"], **eval_settings}}
+
+
 def validate(state: Dict[str, Any], settings: Dict[str, Any]) -> None:
     """Check a (migrated) detector state against the detector's resolved settings, all of it."""
     check_state_fields(state, DETECTOR_FIELDS, "")

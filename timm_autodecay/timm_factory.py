@@ -11,6 +11,11 @@ through which timm's ``create_scheduler`` v1 calls them):
   (``--resume``, ``--val-interval``, the metric ``train.py`` passes to ``step``); for every other schedule it
   returns timm's dict unchanged.
 
+The factory turns timm's arguments into the run's shape once (:class:`~timm_autodecay.timm_shape.RunShape`:
+budget, warmup and epochs in updates, checked, errors naming train.py's flags) and hands it to the scheduler.
+It needs no folder: the scheduler's state travels in the optimizer's state, which every train.py checkpoint
+holds (:mod:`~timm_autodecay.timm_resume`).
+
 The evaluation signal (``autodecay_eval_signal``) reads the metric ``train.py`` passes to ``step(epoch + 1,
 metric)``, in the direction timm's plateau scheduler reads it (``plateau_mode``: ``min`` when the metric's name
 holds ``loss``; the config key ``autodecay_eval_mode`` overrides it). Unset, it is on when ``train.py``
@@ -32,31 +37,23 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-import os
 import sys
 from typing import Any, Dict, Optional, Tuple
 
 import torch
 
-from .detector import check_int
 from .settings import check_known
-from .timm_keys import FROM_RUN, PREFIX, RUN_KEYS, YAML_KEYS
+from .timm_keys import FROM_RUN, PREFIX, RETIRED, RUN_KEYS, YAML_KEYS
+from .timm_log import log_created
 from .timm_loop import is_primary
-from .timm_state import STATE_FILE
+from .timm_shape import RunShape
 
-__all__ = ["RUN_KEYS", "YAML_KEYS", "autodecay_kwargs_from_cfg", "create_autodecay_scheduler", "register",
-           "train_py_checkpoint_dir"]
+__all__ = ["RUN_KEYS", "YAML_KEYS", "autodecay_kwargs_from_cfg", "create_autodecay_scheduler", "register"]
 
 _logger = logging.getLogger("timm_autodecay")
 
 TARGET = "timm.scheduler"
 ORIGINAL = "__timm_autodecay_original__"  # attribute of our wrappers: the function they wrap
-NO_STATE_DIR = (
-    "AutoDecay: this scheduler saves no autodecay_state.json (no train.py checkpoint folder was found, and "
-    "autodecay_state_dir was not given), so the run cannot be resumed with its schedule: pass "
-    "create_scheduler_v2(..., autodecay_state_dir=FOLDER), or save scheduler.state_dict() with your "
-    "checkpoints and restore it with load_state_dict() before the first step")
-_warned_no_state_dir = False
 EVAL_SIGNAL_MAX_EVALUATIONS = 60  # the evaluations a budget may hold for the evaluation signal to be on by default
 
 
@@ -111,6 +108,8 @@ def _wrap_kwargs(original: Any) -> Any:
 # -- train.py's arguments ------------------------------------------------------------------------
 def _check_keys(given: Any, allowed: Any, what: str) -> None:
     for key in given:
+        if key in RETIRED:
+            raise ValueError(f"AutoDecay: {key} is no longer a setting: {RETIRED[key]}")
         if key[len(PREFIX):] in FROM_RUN:
             raise ValueError(f"AutoDecay: {key} is not a setting: it is set from the run, by "
                              f"{FROM_RUN[key[len(PREFIX):]]}")
@@ -134,46 +133,19 @@ def autodecay_kwargs_from_cfg(cfg: Any) -> Dict[str, Any]:
     return given
 
 
-def train_py_checkpoint_dir(max_frames: int = 8) -> Optional[str]:
-    """The folder of train.py's checkpoints, where the scheduler's state belongs.
-
-    timm's ``train.py`` builds its ``CheckpointSaver`` (on the primary rank only) in a local named
-    ``saver`` of ``main()``, before it calls the scheduler factory, and passes the factory no folder: so
-    the saver is looked up in the frames that called this function. ``None`` when there is none."""
-    frame = sys._getframe(1)
-    try:
-        for _ in range(max_frames):
-            if frame is None:
-                return None
-            folder = getattr(frame.f_locals.get("saver"), "checkpoint_dir", None)
-            if isinstance(folder, str) and folder:
-                return folder
-            frame = frame.f_back
-        return None
-    finally:
-        del frame
-
-
 # -- the factory ---------------------------------------------------------------------------------
-def _run_shape(original: Any, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Dict[str, Any]:
-    """timm's factory arguments (with its defaults) that AutoDecay uses, checked."""
+def _train_py_arguments(original: Any, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> Dict[str, Any]:
+    """timm's factory arguments, with its defaults; those AutoDecay cannot follow are refused or warned of."""
     bound = inspect.signature(original).bind(optimizer, *args, **kwargs)
     bound.apply_defaults()
     a = bound.arguments
     if a.get("noise") is not None:
         raise ValueError(f"AutoDecay: LR noise (--lr-noise {a['noise']}) is not supported with sched='autodecay'")
-    upe = a.get("updates_per_epoch") or 0
-    if isinstance(upe, bool) or not isinstance(upe, int) or upe < 1:
-        raise ValueError(
-            f"AutoDecay: sched='autodecay' needs updates_per_epoch (optimizer updates per epoch), got {upe!r}")
     if (a.get("cooldown_epochs") or 0) > 0 and is_primary():
         _logger.warning(
             f"AutoDecay: --cooldown-epochs ({a['cooldown_epochs']}) is ignored by sched='autodecay', as by timm's "
             "step schedule: --epochs is the whole budget. AutoDecay's own cooldown is the config key "
             "autodecay_decay_shape: cooldown (its length: autodecay_cooldown_fraction)")
-    a["updates_per_epoch"] = upe
-    a["num_epochs"] = check_int("num_epochs (--epochs)", a["num_epochs"], 1)
-    a["warmup_epochs"] = check_int("warmup_epochs (--warmup-epochs)", a["warmup_epochs"], 0)
     return a
 
 
@@ -196,15 +168,6 @@ def _eval_signal(given: Any, metric: Optional[str], evaluations: int) -> Tuple[b
     return True, f"train.py's {metric} on the validation split"
 
 
-def _warn_no_state_dir() -> None:
-    global _warned_no_state_dir
-    if not _warned_no_state_dir:
-        _warned_no_state_dir = True
-        import warnings
-
-        warnings.warn(NO_STATE_DIR, UserWarning, stacklevel=4)
-
-
 def create_autodecay_scheduler(original: Any, optimizer: torch.optim.Optimizer, *args: Any, **kwargs: Any):
     """``create_scheduler_v2(optimizer, sched='autodecay', ...)``: returns ``(scheduler, num_epochs)``.
 
@@ -219,48 +182,16 @@ def create_autodecay_scheduler(original: Any, optimizer: torch.optim.Optimizer, 
 
     ours = {k: kwargs.pop(k) for k in list(kwargs) if k.startswith(PREFIX)}
     _check_keys(ours, [*YAML_KEYS, *RUN_KEYS], "setting(s)")
-    a = _run_shape(original, optimizer, args, kwargs)
-    upe, num_epochs, warmup_epochs = a["updates_per_epoch"], a["num_epochs"], a["warmup_epochs"]
-    unit = 1 if a["step_on_epochs"] else upe
+    a = _train_py_arguments(original, optimizer, args, kwargs)
+    shape = RunShape.from_train_py(a, ours.get(PREFIX + "end_interval") or 1)
     settings = {k[len(PREFIX):]: v for k, v in ours.items() if k in YAML_KEYS}
     end_training = settings.pop("end_training", True)
     state_file = settings.pop("state_file", None)
     settings.setdefault("eval_mode", a.get("plateau_mode") or "max")
-    end_interval = ours.get(PREFIX + "end_interval") or 1
     eval_signal, why = _eval_signal(settings.pop("eval_signal", None), ours.get(PREFIX + "eval_metric"),
-                                    -(-num_epochs // end_interval))
-    state_dir = ours.get(PREFIX + "state_dir") or train_py_checkpoint_dir()
-    scheduler = AutoDecayScheduler(
-        optimizer,
-        updates_per_epoch=upe,
-        decay_rate=a["decay_rate"],
-        t_initial=num_epochs * unit,
-        lr_min=a["min_lr"],
-        warmup_t=warmup_epochs * unit,
-        warmup_lr_init=a["warmup_lr"],
-        warmup_prefix=a["warmup_prefix"],
-        t_in_epochs=bool(a["step_on_epochs"]),
-        eval_signal=eval_signal,
-        end_training=end_training,
-        end_interval=end_interval,
-        state_dir=state_dir,
-        resume_from=ours.get(PREFIX + "resume"),
-        state_file=state_file,
-        **settings,
-    )
+                                    shape.evaluations)
+    scheduler = AutoDecayScheduler(optimizer, shape=shape, eval_signal=eval_signal, end_training=end_training,
+                                   resume_from=ours.get(PREFIX + "resume"), state_file=state_file, **settings)
     if is_primary():
-        detector = scheduler.detector
-        _logger.info(
-            f"AutoDecay: {detector.num_stages} stage(s) over at most {num_epochs} epochs ({upe} updates each), "
-            f"decay x{scheduler.decay_rate:g}, window {detector.window} updates, patience {detector.patience}; "
-            f"state in {os.path.join(state_dir, STATE_FILE) if state_dir else '(not saved: no checkpoint folder)'}")
-        what = (f"on: {why}, {'lower' if detector.eval_mode == 'min' else 'higher'} is better (eval_mode "
-                f"{detector.eval_mode}); the stable phase also ends after {detector.eval_patience} evaluations "
-                f"without a new best (config key {PREFIX}eval_signal: false turns it off)" if eval_signal else
-                f"off: {why}")
-        _logger.info(f"AutoDecay: evaluation signal {what}")
-        if not state_dir:
-            _warn_no_state_dir()
-    if a["warmup_prefix"]:
-        num_epochs += warmup_epochs
-    return scheduler, num_epochs
+        log_created(scheduler, why)
+    return scheduler, shape.epochs

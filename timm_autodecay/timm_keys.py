@@ -8,7 +8,7 @@ from typing import Dict
 
 from .detector import SETTINGS
 
-__all__ = ["FROM_RUN", "PREFIX", "RUN_KEYS", "YAML_KEYS"]
+__all__ = ["FROM_RUN", "PREFIX", "RETIRED", "RUN_KEYS", "YAML_KEYS"]
 
 PREFIX = "autodecay_"
 # Detector settings that the run's shape fixes: they come from timm's own arguments.
@@ -23,7 +23,9 @@ YAML_KEYS: Dict[str, tuple] = {PREFIX + name: spec for name, spec in SETTINGS.it
 YAML_KEYS[PREFIX + "end_training"] = (
     bool, True, "end training at the epoch boundary after the last stage's plateau (and cooldown)")
 YAML_KEYS[PREFIX + "state_file"] = (
-    str, None, "autodecay_state.json to resume from (default: the one next to the --resume checkpoint)")
+    str, None, "for checkpoints of releases up to 0.2.0 only, which kept AutoDecay's state in an "
+               "autodecay_state.json next to them: that file, kept elsewhere (default: the one next to the --resume "
+               "checkpoint); later checkpoints carry the state in their optimizer state")
 YAML_KEYS[PREFIX + "eval_signal"] = (
     bool, None, "judge train.py's evaluation metric (--eval-metric) too: the stable phase also ends once it has "
                 "stopped improving. Unset: on when train.py evaluates on a validation split at most "
@@ -31,9 +33,15 @@ YAML_KEYS[PREFIX + "eval_signal"] = (
 # Keys that ``scheduler_kwargs`` fills in from train.py's arguments, and ``create_scheduler_v2``
 # keyword arguments for Python users; not YAML keys.
 RUN_KEYS = {
-    PREFIX + "resume": "checkpoint (or its folder) to resume from: train.py's --resume",
+    PREFIX + "resume": "the checkpoint train.py resumes from (--resume): it holds the metric of the checkpoint's "
+                       "evaluation, and next to it lies the autodecay_state.json of a release up to 0.2.0",
     PREFIX + "end_interval": "epochs between boundaries where training may end: train.py's --val-interval",
     PREFIX + "eval_metric": "the metric train.py passes to step(epoch, metric): its --eval-metric, or '' when it "
                             "evaluates nothing (--val-split '': it passes the training loss)",
-    PREFIX + "state_dir": "folder to write autodecay_state.json to (default: train.py's checkpoint folder)",
+}
+# Keys that meant something in an earlier release, and what to do instead: refused with this text, not as unknown.
+RETIRED = {
+    PREFIX + "state_dir": "AutoDecay writes no autodecay_state.json any more: its state travels in the optimizer's "
+                          "state (param group 0), which train.py saves in every checkpoint; save "
+                          "optimizer.state_dict() with your checkpoints and drop this key",
 }

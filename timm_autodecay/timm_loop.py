@@ -2,9 +2,11 @@
 
 ``train.py`` passes ``losses_m.avg`` to ``step_update``: this rank's running mean of the training loss
 over the epoch so far. :class:`RunningMeanDecoder` turns it back into per-update losses;
-:class:`RankLosses` sums them on the host and averages them over all ranks when the detector wants a
-value. Both keep their state JSON-able, for ``autodecay_state.json``. :func:`check_evaluation` reads the
-metric train.py passes to ``step(epoch, metric)``. :func:`arm_stop` ends the loop gracefully once the run is over.
+:class:`~timm_autodecay.losses.LossAccumulator` (every face's) sums them on the host and averages them over
+all ranks when the detector wants a value; :class:`LossSignal` runs both and hands the detector what they
+give. Their state is JSON-able, part of the scheduler's (:mod:`~timm_autodecay.timm_state`).
+:func:`check_evaluation` reads the metric train.py passes to ``step(epoch, metric)``. :func:`arm_stop` ends
+the loop gracefully once the run is over.
 
 How train.py fills the mean (timm's ``train_one_epoch``)
 ------------------------------------------------------
@@ -25,6 +27,7 @@ How train.py fills the mean (timm's ``train_one_epoch``)
 """
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 from typing import Any, Callable, Dict, Optional, Tuple
@@ -32,7 +35,12 @@ from typing import Any, Callable, Dict, Optional, Tuple
 import torch
 import torch.distributed as dist
 
+from .losses import LossAccumulator
+
 LOSS, NONFINITE, MISSING, DIVERGED = "loss", "nonfinite", "missing", "diverged"
+ADVICE = "Resume from a checkpoint before the losses turned non-finite, e.g. with a lower --lr or with --clip-grad"
+
+_logger = logging.getLogger("timm_autodecay")
 
 
 def distributed() -> bool:
@@ -107,50 +115,67 @@ class RunningMeanDecoder:
         self._changed_at = -1
 
 
-class RankLosses:
-    """Sums this rank's per-update losses on the host (train.py hands over Python floats); ``read``
-    averages them over all ranks, one collective, at the updates where every rank calls it.
+class LossSignal:
+    """train.py's training loss on its way to ``detector``: per-update losses from what ``step_update`` gets
+    (``metric_mode``: ``"epoch_mean"``, train.py's ``losses_m.avg``, or ``"update"``, that update's loss), summed
+    on the host, averaged over all ranks only when the detector takes a value; ``device``: where the evaluation's
+    mean over ranks runs."""
 
-    Non-finite losses are counted, not summed; missing updates add nothing."""
+    def __init__(self, detector: Any, updates_per_epoch: int, metric_mode: str, device: torch.device) -> None:
+        if metric_mode not in ("epoch_mean", "update"):
+            raise ValueError(f"AutoDecay: metric_mode must be 'epoch_mean' or 'update', got {metric_mode!r}")
+        self.detector, self.updates_per_epoch, self.metric_mode = detector, updates_per_epoch, metric_mode
+        self.device = device
+        self.decoder = RunningMeanDecoder(updates_per_epoch)
+        self.losses = LossAccumulator()
 
-    def __init__(self) -> None:
-        self.total = 0.0
-        self.finite = 0
-        self.nonfinite = 0
-        self.diverged = 0
+    def record(self, n: int, metric: float) -> None:
+        """What ``step_update(n, metric)`` got, as update ``n``'s loss (or none)."""
+        if self.metric_mode == "update":
+            kind, loss = (LOSS if math.isfinite(metric) else NONFINITE), metric
+        else:
+            kind, loss = self.decoder.decode(n, metric)
+            if kind == NONFINITE and n % self.updates_per_epoch:  # on the rank that saw it
+                epoch = (n - 1) // self.updates_per_epoch
+                _logger.warning(
+                    f"AutoDecay: train.py's running training loss turned non-finite at update {n} (epoch {epoch}): "
+                    f"the rest of epoch {epoch} carries no loss and is skipped; if the losses are still "
+                    "non-finite in the next epoch, the run has diverged and AutoDecay stops it")
+        if kind != MISSING:
+            self.losses.add(loss, diverged=kind == DIVERGED)
 
-    def add(self, kind: str, loss: float) -> None:
-        if kind == LOSS:
-            self.total += loss
-            self.finite += 1
-        elif kind in (NONFINITE, DIVERGED):
-            self.nonfinite += 1
-            self.diverged += kind == DIVERGED
+    def observe(self, n: int) -> Any:
+        """Hand the detector the losses recorded since its clock, which reaches update ``n``; its decision.
+        Every rank calls it at the same updates."""
+        count = n - self.detector.update
+        mean, finite, nonfinite, diverged = self.losses.read()  # over all ranks
+        epoch = (n - 1) // self.updates_per_epoch
+        if diverged:
+            raise FloatingPointError(
+                f"AutoDecay: the training loss is non-finite again in epoch {epoch} (update {n}), with no finite "
+                f"loss since the non-finite batch before it: the run has diverged. {ADVICE}")
+        if not finite and not nonfinite:  # no rank has a loss for these updates
+            return self.skip(count)
+        try:
+            return self.detector.observe(mean, count, nonfinite)
+        except FloatingPointError as error:
+            raise FloatingPointError(f"{error} (at update {n}, epoch {epoch}). {ADVICE}") from None
 
-    def read(self, device: torch.device) -> Tuple[float, int, int, int]:
-        """Mean finite loss over all ranks since the last read (NaN if none), and the numbers of
-        finite, non-finite and diverged losses (all ranks together). Starts over."""
-        totals = (self.total, float(self.finite), float(self.nonfinite), float(self.diverged))
-        if distributed():
-            tensor = torch.tensor(totals, dtype=torch.float64, device=device)
-            dist.all_reduce(tensor)
-            totals = tuple(tensor.tolist())
-        self.total, self.finite, self.nonfinite, self.diverged = 0.0, 0, 0, 0
-        loss_sum, finite, nonfinite, diverged = totals[0], *(int(round(v)) for v in totals[1:])
-        return (loss_sum / finite if finite else float("nan")), finite, nonfinite, diverged
+    def flush(self, n: int) -> Any:
+        """:meth:`observe` where the detector's clock is behind update ``n`` (None where it is not, or finished)."""
+        return self.observe(n) if n > self.detector.update and not self.detector.finished else None
+
+    def skip(self, count: int) -> Any:
+        """Advance the detector's clock by ``count`` updates that carry no loss (its decision; None if none)."""
+        return self.detector.skip(count) if count > 0 and not self.detector.finished else None
 
     def state_dict(self) -> Dict[str, Any]:
-        """This rank's unread losses, without a collective (a checkpoint may be written by one rank)."""
-        return {"sum": self.total, "finite": self.finite, "nonfinite": self.nonfinite, "diverged": self.diverged}
+        return {**self.decoder.state_dict(), "pending_losses": self.losses.state_dict()}
 
     def load_state_dict(self, state: Dict[str, Any]) -> None:
-        """States are written by rank 0 and read by every rank: only rank 0 takes the unread losses
-        back, so the next mean over ranks counts them once (exact in one process)."""
-        primary = not distributed() or dist.get_rank() == 0
-        self.total = float(state["sum"]) if primary else 0.0
-        self.finite = int(state["finite"]) if primary else 0
-        self.nonfinite = int(state["nonfinite"]) if primary else 0
-        self.diverged = int(state["diverged"]) if primary else 0
+        """``state`` (the scheduler's) has been validated by the caller."""
+        self.decoder.load_state_dict(state)
+        self.losses.load_state_dict(state["pending_losses"])
 
 
 # -- the evaluation ------------------------------------------------------------------------------

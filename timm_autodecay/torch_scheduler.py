@@ -22,6 +22,7 @@ from .losses import LossAccumulator, check_loss
 from .lr_rules import floor_share, joining_initial_lr
 from .ranks import mean_over_ranks
 from .settings import check_known
+from .state import EVALUATION_SETTINGS, adopt_evaluation_settings
 from .torch_state import check_scheduler_state, migrate_scheduler_state, scheduler_state
 
 __all__ = ["AutoDecayLR", "check_decay_rate"]
@@ -271,7 +272,8 @@ class AutoDecayLR(FollowsDetector, LRScheduler):
         self._join_new_groups(self._updates)
         state = migrate_scheduler_state(state_dict)
         check_scheduler_state(self, state)
-        self.detector.load_state_dict(state["detector"])  # validates its part whole before applying it
+        ours = {name: getattr(self.detector, name) for name in EVALUATION_SETTINGS}
+        self.detector.load_state_dict(adopt_evaluation_settings(state["detector"], ours))  # checked whole first
         self.accumulator.load_state_dict(state["pending_losses"])
         self._updates = state["last_epoch"]
         self.base_lrs = [float(lr) for lr in state["base_lrs"]]
