@@ -2,10 +2,10 @@
 event order (``EventRun``: the real callback, ``DefaultFlowCallback``, ``TrainingArguments`` and scheduler).
 
 The loss ``0.2 + 1.8 exp(-i / 1000)`` (2% noise per update) is still falling at the end of its 3000-step
-budget, so every stage ends at its budget share. One loss log (10 steps) is replaced by an outlier: 3x,
-1e3x or 1e6x the loss, a 0.0 with a finite gradient, or a log of NaN losses (which the Trainer's NaN filter
-logs as 0.0 with a NaN gradient norm). No spiked run may add a decision, and at least 95% must take the
-clean run's decisions within two buckets.
+budget, so every stage ends at its budget share; with ``tau = 300`` it plateaus long before. One loss log
+(10 steps) is replaced by an outlier: 3x, 1e3x or 1e6x the loss, a 0.0 with a finite gradient, or a log of
+NaN losses (which the Trainer's NaN filter logs as 0.0 with a NaN gradient norm). No spiked run may add a
+decision, and at least 95% must take the clean run's decisions within two buckets.
 """
 import json
 import math
@@ -18,9 +18,9 @@ STEPS, LOGGING = 3000, 10
 OUTLIERS = {"3x": 3.0, "1e3x": 1e3, "1e6x": 1e6, "zero": 0.0, "nan-filter": math.nan}
 
 
-def per_update_losses(seed, noise=0.02):
+def per_update_losses(seed, noise=0.02, tau=1000.0):
     rng = random.Random(seed)
-    level = [0.2 + 1.8 * math.exp(-i / 1000) for i in range(STEPS)]
+    level = [0.2 + 1.8 * math.exp(-i / tau) for i in range(STEPS)]
     return [v * (1.0 + noise * rng.gauss(0.0, 1.0)) for v in level], level
 
 
@@ -50,12 +50,12 @@ def spiked_decisions(clean, losses, level, at, factor, shape):
     return decisions(run)
 
 
-def spike_grid(seeds, every=1, positions=None, shape="step"):
+def spike_grid(seeds, every=1, positions=None, shape="step", tau=1000.0):
     """Spiked runs of each seed with the log after step ``at`` spiked, for ``at`` in ``positions`` or every
     ``every``-th log before the clean run's last decision: [(seed, at, outlier, clean, spiked decisions)]."""
     outcomes = []
     for seed in seeds:
-        losses, level = per_update_losses(seed)
+        losses, level = per_update_losses(seed, tau=tau)
         clean = start(shape=shape)
         clean.feed(losses)
         reference = decisions(clean)
@@ -65,8 +65,8 @@ def spike_grid(seeds, every=1, positions=None, shape="step"):
     return outcomes
 
 
-def check(outcomes):
-    tolerance = 2 * LOGGING  # two buckets: a bucket is one loss log here (the detector's is 8 steps)
+def check(outcomes, bucket=LOGGING):
+    tolerance = 2 * bucket  # two buckets: one loss log for the step shape here (the detector's is 8 steps)
     added, moved = [], []
     for seed, at, name, reference, got in outcomes:
         if got is None:
@@ -111,3 +111,15 @@ def test_spike_grid_every_ninth_log_five_seeds():
     assert len(outcomes) >= 5 * 33 * len(OUTLIERS)
     moved = check(outcomes)
     print(f"spike grid: {len(outcomes)} spiked runs, {len(moved)} moved by more than two buckets")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", sorted(CLEAN))
+def test_spike_grid_on_a_run_that_plateaus_before_the_budget(shape):
+    """tau = 300 steps: the stages end on plateaus, where a spike meets the very test that ends them."""
+    outcomes = spike_grid(seeds=(0, 1), every=7, shape=shape, tau=300.0)
+    ends = {"step": (-1, 3000), "cooldown": (0, 2400)}[shape]  # the stable phase's end: a plateau, not the budget
+    assert all(reference[ends[0]][0] < ends[1] for _, _, _, reference, _ in outcomes)
+    bucket = start(shape=shape).callback.detector.bucket_size
+    moved = check(outcomes, LOGGING * -(-bucket // LOGGING))  # the detector's bucket, in whole logs
+    print(f"plateau spike grid ({shape}): {len(outcomes)} spiked runs, {len(moved)} moved by more than two buckets")

@@ -6,11 +6,12 @@ budget share) gets one outlier: 3x, 1e3x, 1e6x the running loss, or a single 0.0
 running mean for the rest of its epoch; the scheduler must read it back as one update's loss. At least
 95% of the spiked runs take the clean run's decisions within two buckets, and none adds a decision.
 """
+import functools
 import json
 
 import pytest
 import torch
-from loss_curves import SPIKE_SHAPE, falling_curve, judge_spikes, spike_grid
+from loss_curves import SPIKE_SHAPE, falling_curve, judge_spikes, plateau_curve, spike_grid
 
 
 UPDATES_PER_EPOCH = SPIKE_SHAPE["updates_per_epoch"]
@@ -63,15 +64,18 @@ class TimmRun:
 
 
 class Face:
+    def __init__(self, shape="step"):
+        self.shape = shape
+
     def start(self):
-        return TimmRun()
+        return TimmRun(decay_shape=self.shape)
 
     def load(self, saved):
-        return TimmRun(saved)
+        return TimmRun(saved, self.shape)
 
 
-def check_grid(outcomes):
-    moved, added = judge_spikes(outcomes, tolerance=2 * TimmRun().bucket_size)
+def check_grid(outcomes, shape="step"):
+    moved, added = judge_spikes(outcomes, tolerance=2 * TimmRun(decay_shape=shape).bucket_size)
     assert not added, f"{len(added)} spiked runs add a decision, e.g. {added[:3]}"
     assert len(moved) <= 0.05 * len(outcomes), (
         f"{len(moved)} of {len(outcomes)} spiked runs move a decision by more than two buckets, e.g. {moved[:5]}")
@@ -103,3 +107,11 @@ def test_spike_grid_every_fifth_bucket():
     outcomes = spike_grid(Face(), every=5)
     assert len(outcomes) >= 5 * 4 * 70
     check_grid(outcomes)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("shape", ["step", "cooldown"])
+def test_spike_grid_on_a_run_that_plateaus_before_the_budget(shape):
+    outcomes = spike_grid(Face(shape), seeds=(0, 1, 2), every=5, curve=functools.partial(plateau_curve, tau=300.0,
+                                                                                            noise=0.02))
+    check_grid(outcomes, shape)
