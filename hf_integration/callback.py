@@ -191,7 +191,7 @@ class AutoDecayCallback(TrainerCallback, ExportableState):
             settings["eval_mode"] = self._eval.mode
         saved = self._saved_entry(state, evaluation_settings(settings))
         if saved is not None:
-            self._restore(saved, settings, state.global_step)
+            self._restore(saved, settings, state.global_step, args.restore_callback_states_from_checkpoint)
         elif state.global_step > 0:
             # A checkpoint written without AutoDecay: start it now, with the remaining budget.
             warnings.warn(
@@ -254,9 +254,11 @@ class AutoDecayCallback(TrainerCallback, ExportableState):
             return None
         return read_saved_entry(stored, state.global_step, eval_settings)
 
-    def _restore(self, saved: SavedEntry, settings: Dict[str, Any], step: int) -> None:
+    def _restore(self, saved: SavedEntry, settings: Dict[str, Any], step: int, rebuilt: bool) -> None:
         """The checkpoint's schedule, if this run asks for the same one: settings that differ are an error
-        naming each (the one resume policy of every face: a schedule never changes silently at a resume)."""
+        naming each (the one resume policy of every face: a schedule never changes silently at a resume).
+        ``rebuilt``: the Trainer built this callback from the checkpoint's own arguments (its
+        ``restore_callback_states_from_checkpoint``), so only the budget, from ``TrainingArguments``, is this run's."""
         kept = saved.detector.settings()
         current = StageDetector.from_settings(settings).settings()
         ignored = set(EVALUATION_SETTINGS) if self._eval is None else set()  # unused by this run
@@ -264,14 +266,18 @@ class AutoDecayCallback(TrainerCallback, ExportableState):
         for name in ("decay_rate", "min_lr"):
             if getattr(saved, name) != getattr(self, name):
                 differ[name] = (getattr(saved, name), getattr(self, name))
+        if rebuilt:  # defaults of the release that wrote it may differ from this one's: the checkpoint's hold
+            differ = {k: v for k, v in differ.items() if k in ("total_updates", "warmup_updates")}
         if differ:
             listed = ", ".join(f"{k}: checkpoint {old!r}, now {new!r}" for k, (old, new) in sorted(differ.items()))
+            hint = ("; the default shape is 'cooldown' since release 0.2.0: pass decay_shape='step' to resume a "
+                    "step-shaped run" if differ.get("decay_shape", (None,))[0] == "step" else "")
             raise StateError(
                 f"AutoDecayCallback cannot resume from checkpoint-{step}: its schedule's settings differ from this "
                 f"run's ({listed}). Resume with the checkpoint's settings (AutoDecayCallback arguments; "
                 "total_updates comes from max_steps / num_train_epochs, warmup_updates from warmup_steps / "
                 "warmup_ratio), or delete the AutoDecayCallback entry from the checkpoint's trainer_state.json "
-                "stateful_callbacks to start a new schedule from its weights")
+                f"stateful_callbacks to start a new schedule from its weights{hint}")
         self.decay_rate, self.min_lr, self.detector = saved.decay_rate, saved.min_lr, saved.detector
 
     # -- the learning rate ------------------------------------------------------------------------

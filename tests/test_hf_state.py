@@ -91,7 +91,13 @@ def test_a_checkpoint_of_release_0_1_0_resumes(tmp_path, restore):
     checkpoint = tmp_path / f"checkpoint-{SAVED_AT}"
     (checkpoint / "trainer_state.json").write_text(json.dumps(old))
 
-    trainer = user_trainer(tmp_path / "resumed", [AutoDecayCallback()], restore_callback_states_from_checkpoint=restore)
+    # 0.1.0 had the step shape only: a plain resume asks for it (the error says so), the Trainer's restore
+    # rebuilds the callback from the checkpoint's own arguments
+    callback = AutoDecayCallback() if restore else AutoDecayCallback(decay_shape="step")
+    if not restore:
+        with pytest.raises(ValueError, match="pass decay_shape='step'"):
+            user_trainer(tmp_path / "refused", [AutoDecayCallback()]).train(resume_from_checkpoint=str(checkpoint))
+    trainer = user_trainer(tmp_path / "resumed", [callback], restore_callback_states_from_checkpoint=restore)
     trainer.train(resume_from_checkpoint=str(checkpoint))
     history = find_autodecay_callback(trainer).history
     assert history[0] == old_state["history"][0]  # the decay 0.1.0 took
