@@ -39,10 +39,10 @@ from pathlib import Path
 import matplotlib
 from engine.config import load_config
 from engine.loop import make_accelerator
+from engine.study_statistics import bootstrap_interval
 from matplotlib.figure import Figure
 
 from learning_stages import METHOD_LABELS, LearningStagesConfig, method_config, run_all
-from study_statistics import bootstrap_interval
 
 METHODS = ("sgd_step", "constant", "gd_step")
 SUBSETS = ("test_top1", "test_top1_easy_only", "test_top1_complex_only")

@@ -56,12 +56,11 @@ from engine.config import ConfigError, load_config
 from engine.loop import saved_run, train_run
 from engine.schedules import Schedule, current_lr
 from engine.study import run_in_pool
-from engine.tasks import ImageTask, make_task
-from engine.train_config import TrainConfig
-
-from study_statistics import (
+from engine.study_statistics import (
     binned, bootstrap_interval, first_spike, peak_rise, slope_interval, spearman_trend, transition_log_ratio,
 )
+from engine.tasks import ImageTask, make_task
+from engine.train_config import TrainConfig
 
 
 @dataclass

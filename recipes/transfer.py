@@ -25,9 +25,9 @@ Targets (`targets`): a list of mappings, each a `name` and the config keys that 
 `num_classes`, `classes`, `train_subset`, `batch_size`, ...); keys not given are the config's own. The
 model is always the source's.
 
-Comparisons (transfer_report.py): the source's top-1 at each stage end, checked to rise across the stages
-(`source_check`); every earlier stage against the last, per target and method, paired by source run and seed
-(a paired t-test and the smallest difference the design detects at `alpha` with `power`). The primary
+Comparisons (engine/transfer_report.py): the source's top-1 at each stage end, checked to rise across the
+stages (`source_check`); every earlier stage against the last, per target and method, paired by source run
+and seed (a paired t-test and the smallest difference the design detects at `alpha` with `power`). The primary
 comparison is named in advance (`primary_target`, `primary_method`: the first stage against the last); the
 others are corrected for multiple comparisons (Holm).
 
@@ -49,7 +49,9 @@ from engine.models import extract_features, make_model_and_optimizer, model_from
 from engine.tasks import make_task
 from engine.train_config import TrainConfig
 
-from transfer_report import comparisons, comparisons_table, plot_transfer, source_rises, summarise, transfer_table
+from engine.transfer_report import (
+    comparisons, comparisons_table, plot_transfer, source_rises, summarise, transfer_table,
+)
 
 METHODS = ("linear_probe", "finetune")
 # Keys a target may not set: the model is the source's, the budget the study's.

@@ -1,6 +1,7 @@
-"""`recipes/finetune_benchmark.py`, the fine-tuning domain of the transformer benchmark: the fine-tuning text
-(pinned, three disjoint splits, characters outside the pre-training vocabulary dropped), the frontier metrics'
-arithmetic (regret, waste, envelope deficit), and a tiny end-to-end run (pre-training cached, results.json)."""
+"""`recipes/finetune_benchmark.py`, the fine-tuning domain (`recipes/engine/backends/finetune.py`): the fine-tuning
+text (pinned, three disjoint splits, characters outside the pre-training vocabulary dropped), the envelope's
+arithmetic on losses (regret, waste, envelope deficit) and the acceptance, and a tiny end-to-end run
+(pre-training cached, results.json, the peers it cannot run refused by name)."""
 import hashlib
 import json
 import os
@@ -19,8 +20,9 @@ sys.path.insert(0, str(ROOT / "recipes"))
 sys.path.insert(0, str(ROOT / "tests"))
 CONFIG = ROOT / "recipes" / "configs" / "finetune_benchmark.yaml"
 
-from lm_report import finetune_acceptance, frontier_metrics  # noqa: E402
-from lm_task import CorpusError, TopicsSplit, read_finetune_text, topics_text  # noqa: E402
+from engine.backends.lm_data import CorpusError, TopicsSplit, read_finetune_text, topics_text  # noqa: E402
+from engine.peers import label  # noqa: E402
+from engine.report import envelope_scores  # noqa: E402
 from test_lm_benchmark import write_corpus  # noqa: E402
 
 pytestmark = pytest.mark.slow  # the recipes, not the inner loop (`pytest -m "not slow"`)
@@ -75,28 +77,38 @@ def test_another_text_or_too_little_of_it_is_refused():
         read_finetune_text(vocabulary, split(train_chars=10_000_000))
 
 
-def row(label, steps, loss):
-    return {"schedule": label.split("@")[0], "label": label, "steps_mean": steps, "test_loss_mean": loss}
+def row(peer, steps, loss, fraction=1.0):
+    return {"label": label(peer, fraction), "peer": peer, "steps_mean": steps, "test_loss_mean": loss}
 
 
 def test_regret_waste_and_envelope_deficit_against_the_frontier():
-    rows = [row("cosine@250", 250, 1.560), row("cosine@500", 500, 1.545), row("cosine@1000", 1000, 1.600),
-            row("wsd@250", 250, 1.549), row("wsd@500", 500, 1.540),
-            row("autodecay_eval", 400, 1.548), row("linear_es", 450, 1.555), row("early", 200, 1.58)]
-    best = frontier_metrics(rows, ["cosine", "wsd"], tolerance=0.01)
-    assert (best["best"], best["best_label"], best["enough_steps"]) == (1.540, "wsd@500", 250)  # wsd@250 within 0.01
+    from types import SimpleNamespace
+
+    from engine.backends.finetune import Finetune
+
+    rows = [row("cosine", 250, 1.560, 0.25), row("cosine", 500, 1.545, 0.5), row("cosine", 1000, 1.600),
+            row("wsd", 250, 1.549, 0.25), row("wsd", 500, 1.540, 0.5),
+            row("autodecay_eval", 400, 1.548), row("linear_es", 450, 1.555), row("constant", 200, 1.58)]
+    envelope = envelope_scores(rows, ["cosine", "wsd"], tolerance=0.01, scale=Finetune.SCALE)
+    assert envelope["best"] == {"label": "wsd_50", "test_loss_mean": 1.540, "steps_mean": 500}
+    assert envelope["shortest_good"]["label"] == "wsd_25"  # within 0.01 of the best
+    for r in rows:
+        r.update(envelope["scores"][r["label"]])
     by_label = {r["label"]: r for r in rows}
     own = by_label["autodecay_eval"]
     assert own["regret"] == pytest.approx(0.008) and own["waste"] == pytest.approx(400 / 250)
-    assert own["envelope_deficit"] == pytest.approx(1.548 - 1.549)  # the best at 250 steps or fewer: wsd@250
-    assert by_label["cosine@1000"]["envelope_deficit"] == pytest.approx(0.06)
-    assert by_label["early"]["envelope_deficit"] is None  # no frontier run that short
+    assert own["envelope_deficit"] == pytest.approx(1.548 - 1.549)  # the best at 250 steps or fewer: wsd_25
+    assert by_label["cosine"]["envelope_deficit"] == pytest.approx(0.06)
+    assert by_label["constant"]["envelope_deficit"] is None  # no frontier run that short
 
-    checks = finetune_acceptance(rows, max_deficit=0.01)
+    def acceptance(max_deficit):
+        return Finetune().acceptance(SimpleNamespace(max_envelope_deficit=max_deficit), rows)
+
+    checks = acceptance(0.01)
     assert checks["envelope_ok"] and checks["no_worse_than_reference"] and checks["no_more_steps"]
-    assert not finetune_acceptance(rows, max_deficit=-0.01)["envelope_ok"]
+    assert not acceptance(-0.01)["envelope_ok"]
     by_label["linear_es"]["steps_mean"] = 300  # stopped earlier: AutoDecay used more steps
-    assert not finetune_acceptance(rows, max_deficit=0.01)["no_more_steps"]
+    assert not acceptance(0.01)["no_more_steps"]
 
 
 def test_finetune_benchmark_end_to_end_on_a_tiny_setting(tmp_path, capsys):
@@ -118,15 +130,16 @@ def test_finetune_benchmark_end_to_end_on_a_tiny_setting(tmp_path, capsys):
                  "model.safetensors"):
         assert path.stat().st_size > 0
     saved = json.loads((out / "results.json").read_text())
-    rows = {r["label"]: r for r in saved["rows"]}
-    assert set(rows) == {"autodecay_eval", "linear_es", "cosine@10", "cosine@20", "cosine@30", "cosine@40"}
+    table = saved["tables"]["finetune"]
+    rows = {r["label"]: r for r in table["rows"]}
+    assert set(rows) == {"autodecay_eval", "linear_es", "cosine_25", "cosine_50", "cosine_75", "cosine"}
     for r in rows.values():
         assert {"test_loss_mean", "steps_mean", "regret", "waste", "envelope_deficit"} <= set(r)
-    assert rows["cosine@40"]["waste"] == pytest.approx(40 / saved["frontier"]["enough_steps"])
-    assert {"envelope_ok", "no_worse_than_reference", "no_more_steps"} <= set(saved["acceptance"])
+    assert rows["cosine"]["waste"] == pytest.approx(40 / table["envelope"]["shortest_good"]["steps_mean"])
+    assert {"envelope_ok", "no_worse_than_reference", "no_more_steps"} <= set(table["acceptance"])
     own = next(r for r in summary["runs"] if r["peer"] == "autodecay_eval")
     assert own["steps"] <= 40 and own["best_step"] is not None and own["test_loss"] > 0
-    assert not list(out.glob("runs/seed0/*/checkpoint-*"))  # every run's checkpoints removed
+    assert not list(out.glob("runs/*/seed0/checkpoint-*"))  # every run's checkpoints removed
     assert not saved["pretraining"]["reused"] and "pre-training: cosine to 20 steps" in capsys.readouterr().out
 
     again = finetune_benchmark.main(argv + ["--schedules", "cosine"])  # the pre-trained model is reused
@@ -135,5 +148,8 @@ def test_finetune_benchmark_end_to_end_on_a_tiny_setting(tmp_path, capsys):
     assert {r["label"]: r["test_loss"] for r in again["runs"]} == {
         r["label"]: r["test_loss"] for r in summary["runs"] if r["peer"] == "cosine"}
 
-    with pytest.raises(SystemExit, match="mode=scratch"):
-        finetune_benchmark.main(argv + ["--mode", "scratch"])
+    with pytest.raises(SystemExit, match="schedulefree cannot run in the finetune domain"):
+        finetune_benchmark.main(argv + ["--schedules", "schedulefree"])  # read off one run: no handed model there
+    with pytest.raises(SystemExit):
+        finetune_benchmark.main(argv + ["--schedules", "plateau_p3"])
+    assert "peer plateau_p3 (kind plateau) cannot run in the finetune domain" in capsys.readouterr().err

@@ -1,6 +1,7 @@
-"""`recipes/lm_benchmark.py`, the transformer benchmark: a pinned corpus is refused when it differs, the
-paired comparison's arithmetic, and a smoke run of the real Trainer code path on a tiny slice of the
-standard library (branches off the constant-LR trunk end exactly where straight runs do)."""
+"""`recipes/lm_benchmark.py`, the transformer benchmark (`recipes/engine/backends/lm.py`): a pinned corpus is
+refused when it differs, the paired comparison's arithmetic on losses, and a smoke run of the real Trainer code
+path on a tiny slice of the standard library (branches off the constant-LR trunk end exactly where straight
+runs do)."""
 import dataclasses
 import os
 import sys
@@ -15,8 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "recipes"))
 CONFIG = ROOT / "recipes" / "configs" / "lm_benchmark.yaml"
 
-from lm_report import acceptance, paired_rows  # noqa: E402
-from lm_task import CorpusError, corpus_sha256, read_corpus, stdlib_dir  # noqa: E402
+from engine.backends.lm_data import CorpusError, corpus_sha256, read_corpus, stdlib_dir  # noqa: E402
+from engine.report import Scale, paired_checks, paired_comparison  # noqa: E402
 
 pytestmark = pytest.mark.slow  # the recipes, not the inner loop (`pytest -m "not slow"`)
 
@@ -61,40 +62,47 @@ def test_validation_blocks_are_held_out_of_training(tmp_path):
         read_corpus(tmp_path, FILES, corpus["sha256"], 10_000, validation_block=512, validation_every=4)
 
 
-def run(peer, seed, steps, val_loss, max_steps=None):
-    return {"peer": peer, "seed": seed, "steps": steps, "max_steps": max_steps or steps, "val_loss": val_loss}
+LOSS = Scale(score="val_loss", name="val_loss", higher_is_better=False, title="validation loss", digits=4,
+             length="steps", units="steps", length_digits=0)
+
+
+def run(peer, seed, steps, val_loss):
+    return {"peer": peer, "label": peer, "task": "lm", "seed": seed, "steps": steps, "val_loss": val_loss}
 
 
 def test_paired_deficit_is_against_the_better_frontier_schedule_at_the_same_length():
-    results = [
-        run("autodecay", 0, 1200, 1.60, max_steps=2000), run("cosine", 0, 1200, 1.58), run("wsd", 0, 1200, 1.57),
-        run("autodecay", 1, 1000, 1.50, max_steps=2000), run("cosine", 1, 1000, 1.52), run("wsd", 1, 1000, 1.53),
-        run("wsd", 1, 2000, 1.40), run("cosine", 0, 2000, 1.39),  # other lengths: not the pair
-        run("step", 0, 2000, 1.62), run("step", 1, 2000, 1.49),
-    ]
-    paired = paired_rows(results, ["autodecay"], ["cosine", "wsd"], budget_steps=2000)["autodecay"]
-    assert [row["deficit"] for row in paired["seeds"]] == pytest.approx([0.03, -0.02])
+    own = [run("autodecay", 0, 1200, 1.60), run("autodecay", 1, 1000, 1.50)]
+    frontier = [run("cosine", 0, 1200, 1.58), run("wsd", 0, 1200, 1.57), run("cosine", 1, 1000, 1.52),
+                run("wsd", 1, 1000, 1.53), run("wsd", 1, 2000, 1.40), run("cosine", 0, 2000, 1.39)]  # other lengths
+    paired = paired_comparison(own, frontier, ["cosine", "wsd"], LOSS, budget=2000)
+    assert [line["deficit"] for line in paired["per_seed"]] == pytest.approx([0.03, -0.02])  # lower loss is better
+    assert [line["best"] for line in paired["per_seed"]] == ["wsd", "cosine"]
     assert paired["mean_deficit"] == pytest.approx(0.005)
-    assert paired["steps_saved"] == 900 and paired["steps_saved_percent"] == pytest.approx(45.0)
+    assert paired["saved_steps"] == 900 and paired["saved_percent"] == pytest.approx(45.0)
 
-    checks = acceptance(results, {"autodecay": paired}, budget_steps=2000, max_deficit=0.01)["autodecay"]
-    assert checks["deficit_ok"] and checks["no_worse_than_step"]
-    assert checks["val_loss_mean"] == pytest.approx(1.55) and checks["step_val_loss_mean"] == pytest.approx(1.555)
-    assert not acceptance(results, {"autodecay": paired}, 2000, max_deficit=0.001)["autodecay"]["deficit_ok"]
+    step = [run("step", 0, 2000, 1.62), run("step", 1, 2000, 1.49)]
+    checks = paired_checks(paired, {"mean_deficit": (0.01, "<=")}, step, LOSS)
+    assert checks["mean_deficit"]["passed"] and checks["step"]["passed"]  # no worse than StepDecay
+    assert checks["step"]["value"] == pytest.approx(1.55) and checks["step"]["bound"] == pytest.approx(1.555)
+    assert not paired_checks(paired, {"mean_deficit": (0.001, "<=")}, step, LOSS)["mean_deficit"]["passed"]
+    worse_than_step = [{**r, "val_loss": 1.40} for r in step]
+    assert not paired_checks(paired, {}, worse_than_step, LOSS)["step"]["passed"]
 
-    worse_than_step = [r if r["peer"] != "step" else {**r, "val_loss": 1.40} for r in results]
-    assert not acceptance(worse_than_step, {"autodecay": paired}, 2000, 0.01)["autodecay"]["no_worse_than_step"]
 
-
-def test_a_paired_run_without_a_frontier_run_of_its_length_is_an_error():
-    results = [run("autodecay", 0, 1200, 1.60, max_steps=2000), run("cosine", 0, 2000, 1.50)]
-    with pytest.raises(ValueError, match="no frontier schedule"):
-        paired_rows(results, ["autodecay"], ["cosine", "wsd"], budget_steps=2000)
+def test_a_paired_run_without_a_frontier_run_of_its_length_is_left_out():
+    own = [run("autodecay", 0, 1200, 1.60), run("autodecay", 1, 1000, 1.50)]
+    paired = paired_comparison(own, [run("cosine", 0, 2000, 1.50), run("wsd", 1, 1000, 1.49)], ["cosine", "wsd"],
+                               LOSS, budget=2000)
+    assert [(line["seed"], line["rivals"]) for line in paired["per_seed"]] == [(1, {"wsd": 1.49})]
+    assert paired_comparison(own[:1], [], ["cosine", "wsd"], LOSS, 2000) == {"per_seed": []}
 
 
 def test_benchmark_smoke_on_a_tiny_corpus(tmp_path, capsys):
     import lm_benchmark
-    from lm_runs import train_run
+    from engine.backends.lm import LM
+    from engine.backends.lm_trainer import train_run
+    from engine.config import load_config
+    from engine.runner import Job
 
     corpus = write_corpus(tmp_path / "corpus")
     argv = ["--config", str(CONFIG), "--corpus_dir", str(corpus["directory"]),
@@ -109,24 +117,25 @@ def test_benchmark_smoke_on_a_tiny_corpus(tmp_path, capsys):
     for name in ("results.json", "results.md", "pareto.png"):
         assert (tmp_path / "out" / name).stat().st_size > 0
     labels = {r["label"] for r in summary["runs"]}
-    assert {"autodecay", "cosine@20", "cosine@40", "wsd@20", "wsd@40", "step", "constant"} <= labels
+    assert {"autodecay", "cosine_50", "cosine", "wsd_50", "wsd", "step", "constant"} <= labels
     autodecay = next(r for r in summary["runs"] if r["peer"] == "autodecay")
-    pair = summary["paired"]["autodecay"]["seeds"][0]
+    pair = summary["tables"]["lm"]["paired"]["autodecay"]["per_seed"][0]
     assert pair["steps"] == autodecay["steps"] <= 40
-    assert pair["cosine"] is not None and pair["wsd"] is not None  # both trained to AutoDecay's length
+    assert set(pair["rivals"]) == {"cosine", "wsd"}  # both trained to AutoDecay's length
     assert "Paired by seed: autodecay" in (tmp_path / "out" / "results.md").read_text()
     assert "seed 0 autodecay: val loss" in capsys.readouterr().out  # progress, one line per run
 
     # StepDecay's first milestone is 14: it branches off the trunk's checkpoint at 8; WSD to 40 at 32
     branched = {r["label"]: r for r in summary["runs"]}
-    assert branched["step"]["resumed_from"] == 8 and branched["wsd@40"]["resumed_from"] == 32
-    assert not list((tmp_path / "out" / "runs" / "seed0" / "constant").glob("checkpoint-*"))  # cleaned up
+    assert branched["step"]["resumed_from"] == 8 and branched["wsd"]["resumed_from"] == 32
+    assert not list((tmp_path / "out" / "runs" / "constant" / "seed0").glob("checkpoint-*"))  # cleaned up
 
-    cfg = lm_benchmark.load_config(lm_benchmark.LMBenchmarkConfig, argv)
-    for job in (lm_benchmark.make_job(cfg, "wsd", 0, 40), lm_benchmark.make_job(cfg, "step", 0, 40)):
-        spec = dataclasses.replace(job.spec, resume_from=None, output_dir=str(tmp_path / "straight"))
-        straight = train_run(lm_benchmark.task_of(cfg), spec)
-        assert straight["val_loss"] == pytest.approx(branched[spec.label]["val_loss"], abs=1e-6)
+    backend = LM()
+    cfg = load_config(backend.Config, argv)
+    for name in ("wsd", "step"):
+        task, spec = backend.plan(cfg, Job(name, 0, "lm"))[-1].spec
+        straight = train_run(task, dataclasses.replace(spec, resume_from=None, output_dir=str(tmp_path / "straight")))
+        assert straight["val_loss"] == pytest.approx(branched[name]["val_loss"], abs=1e-6)
 
     # a second invocation with reuse_runs takes every run's result from its folder (the trunk, whose
     # checkpoints were cleaned up, trains again and ends where it did)

@@ -23,7 +23,7 @@ def with_bin(losses: list[float], bin_index: int, value: float) -> list[float]:
 
 
 def test_a_near_zero_loss_that_doubles_is_no_spike():
-    from study_statistics import first_spike
+    from engine.study_statistics import first_spike
 
     losses = with_bin(falling(), 48, 0.03)  # the lowest before, 0.013, more than doubled: but +0.017 nats
     assert first_spike(losses, WIDTH, AFTER, FACTOR) is not None  # the rule without a floor fails it
@@ -31,7 +31,7 @@ def test_a_near_zero_loss_that_doubles_is_no_spike():
 
 
 def test_a_real_spike_fails_with_the_floor():
-    from study_statistics import first_spike
+    from engine.study_statistics import first_spike
 
     losses = with_bin(falling(), 20, 0.9)  # 3x+ the lowest before (0.28), +0.6 nats: a spike at 42% of the run
     spike = first_spike(losses, WIDTH, AFTER, FACTOR, FLOOR)
@@ -41,7 +41,7 @@ def test_a_real_spike_fails_with_the_floor():
 
 def test_the_floor_is_on_the_scale_of_the_loss():
     """The same curve in other units (x10, /10) gets the same verdict: the floor is a share of its first bin."""
-    from study_statistics import first_spike
+    from engine.study_statistics import first_spike
 
     for curve in (with_bin(falling(), 48, 0.03), with_bin(falling(), 20, 0.9)):
         verdicts = {scale: first_spike([scale * x for x in curve], WIDTH, AFTER, FACTOR, FLOOR) is None
@@ -50,7 +50,7 @@ def test_the_floor_is_on_the_scale_of_the_loss():
 
 
 def test_spikes_in_the_first_share_are_ignored_and_non_spikes_pass():
-    from study_statistics import first_spike
+    from engine.study_statistics import first_spike
 
     assert first_spike(with_bin(falling(), 3, 5.0), WIDTH, AFTER, FACTOR, FLOOR) is None  # bin 3 of 5 ignored
     assert first_spike(falling(), WIDTH, AFTER, FACTOR, FLOOR) is None
@@ -58,7 +58,7 @@ def test_spikes_in_the_first_share_are_ignored_and_non_spikes_pass():
 
 
 def test_peak_rise():
-    from study_statistics import peak_rise
+    from engine.study_statistics import peak_rise
 
     assert peak_rise(falling(), WIDTH, AFTER) == pytest.approx(1.0)  # never above the running minimum
     lowest = falling()[199]  # the last update before bin 20: a little under the lowest bin's mean

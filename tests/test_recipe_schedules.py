@@ -1,5 +1,6 @@
-"""The recipes' one schedule interface (recipes/engine/schedules.py), for every schedule in PEERS: the LR it
-sets, the stages it counts, the run it ends, and a resume at any update that continues exactly."""
+"""The recipes' one schedule interface (recipes/engine/schedules.py), for every peer the SGD loop runs
+(recipes/engine/peer_schedules.py): the LR it sets, the stages it counts, the run it ends, and a resume at any
+update that continues exactly; and every peer of the registry runs in some domain, refused by name elsewhere."""
 import io
 import sys
 from pathlib import Path
@@ -10,21 +11,26 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "recipes"))
-from engine.peers import PEERS, TRAINABLE  # noqa: E402
+from engine.peer_schedules import TRAINABLE, make_schedule  # noqa: E402
+from engine.peers import PEERS  # noqa: E402
 from engine.schedules import Schedule, current_lr  # noqa: E402
 
 pytestmark = pytest.mark.slow  # the recipes, not the inner loop (`pytest -m "not slow"`)
 
 CFG = SimpleNamespace(lr=0.1, momentum=0.9, weight_decay=5e-4, batch_size=64, lr_reference_batch=0, decay_rate=0.1,
-                      milestones=[2, 4], patience=1, num_stages=3, decay_shape="", schedule_updates=0,
-                      eval_metric="val_top1", val_samples=100)
+                      milestones=[2, 4], patience=1, num_stages=3, decay_shape="", budget_fraction=1.0,
+                      schedule_updates=0, eval_metric="val_top1", val_samples=100)
 UPDATES_PER_EPOCH, EPOCHS = 10, 6
 
 
-def new_run(name: str):
+def schedule_of(name: str, **changes):
+    return make_schedule(SimpleNamespace(**{**vars(CFG), "schedule": name, **changes}))
+
+
+def new_run(name: str, **changes):
     torch.manual_seed(0)
     model = torch.nn.Linear(4, 1)
-    schedule = PEERS[name].schedule(CFG)
+    schedule = schedule_of(name, **changes)
     optimizer = schedule.make_optimizer(model, CFG)
     schedule.start(optimizer, UPDATES_PER_EPOCH, EPOCHS * UPDATES_PER_EPOCH)
     return model, optimizer, schedule
@@ -106,15 +112,30 @@ def test_autodecay_ends_the_run_within_its_budget(peer, last_stage):
 def test_every_peer_says_why_and_builds_a_new_schedule():
     for name, peer in PEERS.items():
         assert peer.note, name
-        if peer.schedule is not None:
-            first, second = peer.schedule(CFG), peer.schedule(CFG)
+        if name in TRAINABLE:
+            first, second = schedule_of(name), schedule_of(name)
             assert isinstance(first, Schedule) and first is not second, name
-    assert PEERS["oracle"].schedule is None and "oracle" not in TRAINABLE
+    assert "oracle" not in TRAINABLE and "linear" not in TRAINABLE  # a search; a Trainer schedule
+
+
+def test_every_peer_runs_in_a_domain_and_is_refused_by_name_elsewhere():
+    from engine.backends.finetune import Finetune
+    from engine.backends.lm import LM
+    from engine.backends.mnist1d import MNIST1D
+    from engine.peers import runs_in
+
+    backends = (MNIST1D, LM, Finetune)
+    for name, peer in PEERS.items():
+        assert any(peer.kind in backend.KINDS for backend in backends), name
+    assert runs_in("mnist1d", MNIST1D.KINDS)("step") is None
+    assert "peer greedy (kind greedy) cannot run in the mnist1d domain" in runs_in("mnist1d", MNIST1D.KINDS)("greedy")
+    assert "peer slope (kind slope) cannot run in the lm domain" in runs_in("lm", LM.KINDS)("slope")
+    assert "no peer of that name" in runs_in("lm", LM.KINDS)("cosine_40")  # a budget share is frontier_fractions
 
 
 def test_fixed_length_schedules_end_the_run_at_their_share_of_the_budget():
-    for name, length in (("cosine_40", 24), ("wsd_60", 36), ("cosine", 60)):
-        trace = train(*new_run(name), range(EPOCHS * UPDATES_PER_EPOCH))
+    for name, fraction, length in (("cosine", 0.4, 24), ("wsd", 0.6, 36), ("cosine", 1.0, 60)):
+        trace = train(*new_run(name, budget_fraction=fraction), range(EPOCHS * UPDATES_PER_EPOCH))
         assert len(trace) == length and trace[-1][3] and trace[-1][1] == pytest.approx(0.0, abs=1e-12), name
 
 
@@ -129,9 +150,8 @@ def test_wsd_holds_the_lr_then_cools_down_as_one_minus_sqrt():
 
 
 def test_paired_length_overrides_the_budget():
-    cfg = SimpleNamespace(**{**vars(CFG), "schedule_updates": 17})
     for name in ("cosine", "wsd"):
-        schedule = PEERS[name].schedule(cfg)
+        schedule = schedule_of(name, schedule_updates=17)
         optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
         schedule.start(optimizer, 10, 60)
         ends = []

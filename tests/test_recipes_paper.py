@@ -69,7 +69,7 @@ def test_transition_ratio_definition():
 def test_transition_log_ratio_definition():
     """S is 0 when the loss keeps falling at its log-rate, ln(k) for an extra k-fold fall after the decay,
     negative when the decay slows the fall; finite when the trend before is flat."""
-    from study_statistics import transition_log_ratio
+    from engine.study_statistics import transition_log_ratio
 
     steady = [math.exp(-0.01 * u) for u in range(100)]  # -1% per update throughout
     assert transition_log_ratio(steady, 0.5, 0.1, 0.02)["log_ratio"] == pytest.approx(0.0, abs=1e-9)
@@ -83,7 +83,7 @@ def test_transition_log_ratio_definition():
 
 
 def test_spike_criterion():
-    from study_statistics import first_spike
+    from engine.study_statistics import first_spike
 
     falling = [1.0 / (1 + 0.1 * u) for u in range(200)]
     assert first_spike(falling, 0.02, 0.1, 2.0) is None
@@ -97,7 +97,7 @@ def test_spike_criterion():
 
 
 def test_bootstrap_and_trend_statistics():
-    from study_statistics import bootstrap_interval, slope_interval, spearman_trend
+    from engine.study_statistics import bootstrap_interval, slope_interval, spearman_trend
 
     low, high = bootstrap_interval([1.0, 2.0, 3.0, 4.0, 5.0], 2000, seed=1)
     assert 1.0 < low < 3.0 < high < 5.0 and (low, high) == bootstrap_interval([1.0, 2.0, 3.0, 4.0, 5.0], 2000, seed=1)

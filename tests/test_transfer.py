@@ -113,8 +113,8 @@ def synthetic_results(effects: dict, seeds: int = 5) -> list[dict]:
 
 
 def test_comparisons_primary_holm_and_detectable_difference():
-    from study_statistics import holm, paired_test
-    from transfer_report import comparisons
+    from engine.study_statistics import holm, paired_test
+    from engine.transfer_report import comparisons
 
     effects = {("full", "linear_probe"): 3.0, ("full", "finetune"): 0.0, ("few", "linear_probe"): -2.0,
                ("few", "finetune"): 0.2}
@@ -136,14 +136,14 @@ def test_comparisons_primary_holm_and_detectable_difference():
 
 
 def test_holm_adjusts_in_order_and_caps_at_one():
-    from study_statistics import holm
+    from engine.study_statistics import holm
 
     assert holm([0.01, 0.04, 0.03, 0.5]) == pytest.approx([0.04, 0.09, 0.09, 0.5])
     assert holm([0.6, 0.5]) == pytest.approx([1.0, 1.0])
 
 
 def test_source_check():
-    from transfer_report import source_rises, summarise
+    from engine.transfer_report import source_rises, summarise
 
     rising = summarise(synthetic_results({("full", "linear_probe"): 1.0}), ["full"], ["linear_probe"])
     assert source_rises(rising) == {"source_top1_by_stage": [90.0, 91.0, 92.0], "rises": True}

@@ -30,7 +30,7 @@ from .batches import Batches
 from .config import ConfigError
 from .evaluation import evaluate_all
 from .models import make_model
-from .peers import make_schedule
+from .peer_schedules import make_schedule
 from .plots import plot_run
 from .schedules import Schedule, current_lr
 from .tasks import make_task

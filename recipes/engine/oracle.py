@@ -95,11 +95,11 @@ def resolve_oracle(results: list[dict], tolerance: float) -> tuple[list[dict], d
     them) minus `tolerance`. Returns (the runs, {task: the oracle's grid means and choice})."""
     runs, oracles = [], {}
     for task in dict.fromkeys(run["task"] for run in results):
-        grids = [run for run in results if run["task"] == task and run["schedule"] == "oracle"]
+        grids = [run for run in results if run["task"] == task and run["peer"] == "oracle"]
         if not grids:
             continue
         seeds = {run["seed"] for run in grids}
-        step = [run for run in results if run["task"] == task and run["schedule"] == "step"]
+        step = [run for run in results if run["task"] == task and run["label"] == "step"]
         step_paired = [run["test_top1"] for run in step if run["seed"] in seeds] or [run["test_top1"] for run in step]
         target = statistics.mean(step_paired) - tolerance
         key, mean = choose_oracle([run["grid"] for run in grids], target)
@@ -111,8 +111,9 @@ def resolve_oracle(results: list[dict], tolerance: float) -> tuple[list[dict], d
             "per_seed_grids": {run["seed"]: run["grid"] for run in grids},
             "epochs_trained_per_seed": [run["epochs_trained"] for run in grids],
         }
-        runs += [{"schedule": "oracle", "task": task, "seed": run["seed"], "test_top1": run["grid"][key],
-                  "epochs": float(length), "updates": None, "decay_epochs": [float(m1), float(m2)],
-                  "wall_seconds": run["wall_seconds"], "curves": oracle_curve(run["curves"], m1, m2, length)}
+        runs += [{**{name: run[name] for name in ("peer", "label", "task", "seed", "budget_fraction", "paired_with")},
+                  "test_top1": run["grid"][key], "epochs": float(length), "updates": None,
+                  "decay_epochs": [float(m1), float(m2)], "wall_seconds": run["wall_seconds"],
+                  "curves": oracle_curve(run["curves"], m1, m2, length)}
                  for run in grids]
-    return [run for run in results if run["schedule"] != "oracle"] + runs, oracles
+    return [run for run in results if run["peer"] != "oracle"] + runs, oracles

@@ -56,7 +56,7 @@ class SlopeTest(Schedule):
     run, once `num_stages - 1` decays are done) and drop the oldest 20% + 10% of the losses
     (dlib's previous_loss_values_dump_amount 400 of 2000, plus threshold / 10)."""
 
-    def __init__(self, decay_rate: float, num_stages: int, threshold_epochs: float = 3,
+    def __init__(self, decay_rate: float, num_stages: int = 3, threshold_epochs: float = 3,
                  probability_of_decrease: float = 0.51, quantile_discard: float = 0.10):
         super().__init__()
         self.decay_rate, self.num_stages = decay_rate, num_stages

@@ -6,13 +6,15 @@ extend the dataclass with their own keys.
 from dataclasses import dataclass, field
 
 from .models import check_model
-from .peers import TRAINABLE
+from .peer_schedules import TRAINABLE
+from .peers import ScheduleSettings
 from .tasks import TASKS
 
 
 @dataclass
-class TrainConfig:
-    """One training run. Every field can be set in the YAML file or with `--key value`."""
+class TrainConfig(ScheduleSettings):
+    """One training run. Every field can be set in the YAML file or with `--key value` (the schedule's shared
+    settings, `decay_rate`, `num_stages`, `decay_shape`, with their defaults in `peers.ScheduleSettings`)."""
 
     task: str = field(default="mnist1d", metadata={"choices": tuple(TASKS)})
     num_samples: int = 10000  # size of a generated task (train + test)
@@ -28,16 +30,14 @@ class TrainConfig:
     lr: float = 0.1
     momentum: float = 0.9
     weight_decay: float = 5e-4
-    schedule: str = field(default="step", metadata={"choices": TRAINABLE})  # a name in peers.PEERS
-    decay_rate: float = 0.1  # LR multiplier at each decay (step, plateau, autodecay)
+    schedule: str = field(default="step", metadata={"choices": TRAINABLE})  # a peer in peers.PEERS
     milestones: list[int] = field(default_factory=lambda: [10, 20])  # step: epochs at which to decay
     patience: int = 10  # plateau: epochs without improvement of the training loss before a decay
-    num_stages: int = 0  # autodecay: stages, the run ends after the last (0: AutoDecay's default); slope: 0 = 3
-    decay_shape: str = field(default="", metadata={"choices": ("", "step", "cooldown")})  # autodecay ("": default)
     # the metric the schedules that read an evaluation use (timm_plateau, plateau_eval, autodecay_eval): lower is
     # better when its name says loss, else higher (as timm derives its plateau mode); needs val_samples
     eval_metric: str = field(default="val_top1", metadata={"choices": ("val_top1", "val_loss")})
-    schedule_updates: int = 0  # cosine, wsd: their length in updates, the run ends there (0: the budget)
+    budget_fraction: float = 1.0  # cosine, wsd: the share of the budget they run to, the run ends there
+    schedule_updates: int = 0  # cosine, wsd: their length in updates instead (a paired run's; 0: budget_fraction)
     seed: int = 0  # model init and data order
     # image data read through `datasets` (task hub: a hub name or local path; task image_folder: a folder)
     dataset: str = ""

@@ -9,7 +9,7 @@ from pathlib import Path
 import matplotlib
 from matplotlib.figure import Figure
 
-from study_statistics import holm, paired_test
+from .study_statistics import holm, paired_test
 
 METHOD_LABELS = {"linear_probe": "linear probe", "finetune": "fine-tune"}
 

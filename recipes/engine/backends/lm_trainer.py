@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Optional
 
 import torch
-from lm_task import TopicsSplit, TrainWindows, ValidationWindows, make_model, read_corpus, read_finetune_text
+from .lm_data import TopicsSplit, TrainWindows, ValidationWindows, make_model, read_corpus, read_finetune_text
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback, TrainingArguments, get_scheduler
 from transformers.trainer_callback import PrinterCallback
@@ -65,11 +65,11 @@ class RunSpec:
     trainer: dict = field(default_factory=dict)  # TrainingArguments overrides (lr_scheduler_type, optim, ...)
     autodecay: Optional[dict] = None  # AutoDecayCallback keyword arguments; None: no callback
     milestones: tuple = ()  # StepDecay: the LR is multiplied by decay_rate from each of these steps on
-    decay_rate: float = 0.1
+    decay_rate: Optional[float] = None  # StepDecay's (the config's, `peers.ScheduleSettings`)
     evaluate_at: tuple = ()  # steps to evaluate at besides the run's last one
     save_every: int = 0  # the trunk: a checkpoint every this many steps
     resume_from: Optional[str] = None  # a trunk checkpoint folder to continue from
-    label: str = ""  # e.g. "cosine@800"
+    label: str = ""  # e.g. "cosine_40" (`peers.label`)
     early_stopping: int = 0  # EarlyStoppingCallback's patience in evaluations; 0: none
     save_model: bool = False  # save the final model into output_dir (the pre-trained model)
 
@@ -79,6 +79,12 @@ def step_decay_factor(step: int, warmup_steps: int, milestones: tuple, decay_rat
     if step < warmup_steps:
         return step / max(1, warmup_steps)
     return decay_rate ** sum(step >= m for m in milestones)
+
+
+def step_decay(spec: RunSpec, task: LMTask):
+    """StepDecay's LR multiplier as a function of the step, with the task's warmup."""
+    return functools.partial(step_decay_factor, warmup_steps=task.warmup_steps, milestones=spec.milestones,
+                             decay_rate=spec.decay_rate)
 
 
 class FixedScheduleTrainer(Trainer):
@@ -110,9 +116,7 @@ class EvaluateAt(TrainerCallback):
 def lr_multipliers(spec: RunSpec, task: LMTask) -> list[float]:
     """The schedule's LR multiplier for updates 0..max_steps, as the run's Trainer builds it."""
     if spec.milestones:
-        factor = functools.partial(step_decay_factor, warmup_steps=task.warmup_steps,
-                                   milestones=spec.milestones, decay_rate=spec.decay_rate)
-        return [factor(step) for step in range(spec.max_steps + 1)]
+        return [step_decay(spec, task)(step) for step in range(spec.max_steps + 1)]
     probe = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
     scheduler = get_scheduler(
         spec.trainer.get("lr_scheduler_type", DEFAULT_SCHEDULE), optimizer=probe, num_warmup_steps=task.warmup_steps,
@@ -190,9 +194,7 @@ def train_run(task: LMTask, spec: RunSpec) -> dict:
     kwargs = dict(model=initial_model(task, spec.seed, vocab_size), args=training_arguments(spec, task),
                   train_dataset=train, eval_dataset=validation, callbacks=callbacks)
     if spec.milestones:
-        lr_lambda = functools.partial(step_decay_factor, warmup_steps=task.warmup_steps,
-                                      milestones=spec.milestones, decay_rate=spec.decay_rate)
-        trainer = FixedScheduleTrainer(lr_lambda=lr_lambda, **kwargs)
+        trainer = FixedScheduleTrainer(lr_lambda=step_decay(spec, task), **kwargs)
     else:
         trainer = Trainer(**kwargs)
     trainer.remove_callback(PrinterCallback)  # the benchmark prints one line per run instead
