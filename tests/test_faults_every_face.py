@@ -22,21 +22,12 @@ def falling(n, start=0):
     return [0.2 + 1.8 * math.exp(-(start + i) / 400) for i in range(n)]
 
 
-class TorchRun:
-    name = "torch"
+class SchedulerRun:
+    """What the torch and timm adapters share: an optimizer with one group per LR, and a scheduler ``sched``."""
 
-    def __init__(self, group_lrs, total=BUDGET, min_lr=0.0, warmup=0, state=None, **settings):
-        from timm_autodecay import AutoDecayLR
-
-        self.optimizer = torch.optim.SGD([{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": lr}
-                                          for lr in group_lrs])
-        self.sched = AutoDecayLR(self.optimizer, total_updates=total, min_lr=min_lr, warmup_updates=warmup,
-                                 **settings)
-        if state is not None:
-            self.sched.load_state_dict(json.loads(state))
-
-    def step(self, loss):
-        self.sched.step(loss)
+    @staticmethod
+    def optimizer_for(group_lrs):
+        return torch.optim.SGD([{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": lr} for lr in group_lrs])
 
     @property
     def finished(self):
@@ -52,11 +43,27 @@ class TorchRun:
     def save(self):
         return json.dumps(self.sched.state_dict())
 
+
+class TorchRun(SchedulerRun):
+    name = "torch"
+
+    def __init__(self, group_lrs, total=BUDGET, min_lr=0.0, warmup=0, state=None, **settings):
+        from timm_autodecay import AutoDecayLR
+
+        self.optimizer = self.optimizer_for(group_lrs)
+        self.sched = AutoDecayLR(self.optimizer, total_updates=total, min_lr=min_lr, warmup_updates=warmup,
+                                 **settings)
+        if state is not None:
+            self.sched.load_state_dict(json.loads(state))
+
+    def step(self, loss):
+        self.sched.step(loss)
+
     def stops_at_once(self):
         return self.finished
 
 
-class TimmRun:
+class TimmRun(SchedulerRun):
     """The scheduler from timm's factory, stepped as ``train.py`` steps it (``--sched-on-updates``)."""
 
     name = "timm"
@@ -64,8 +71,7 @@ class TimmRun:
     def __init__(self, group_lrs, total=BUDGET, min_lr=0.0, warmup=0, state=None, **settings):
         from timm.scheduler import create_scheduler_v2
 
-        self.optimizer = torch.optim.SGD([{"params": [torch.nn.Parameter(torch.zeros(1))], "lr": lr}
-                                          for lr in group_lrs])
+        self.optimizer = self.optimizer_for(group_lrs)
         keys = {"autodecay_" + k: v for k, v in settings.items()}
         self.sched, _ = create_scheduler_v2(
             self.optimizer, sched="autodecay", num_epochs=total // UPE, updates_per_epoch=UPE, step_on_epochs=False,
@@ -84,20 +90,6 @@ class TimmRun:
         self.sched.step_update(self.updates, metric=self.total / ((self.updates - 1) % UPE + 1))
         if self.updates % UPE == 0:
             self.sched.step(self.updates // UPE)
-
-    @property
-    def finished(self):
-        return self.sched.finished
-
-    @property
-    def lrs(self):
-        return [g["lr"] for g in self.optimizer.param_groups]
-
-    def add_group(self, lr):
-        self.optimizer.add_param_group({"params": [torch.nn.Parameter(torch.zeros(1))], "lr": lr})
-
-    def save(self):
-        return json.dumps(self.sched.state_dict())
 
     def stops_at_once(self):
         from timm_autodecay.timm_loop import AutoDecayFinished

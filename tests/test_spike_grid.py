@@ -20,9 +20,9 @@ from timm_autodecay.replay import replay
 class SchedulerRun:
     """AutoDecayLR stepped with each update's loss."""
 
-    def __init__(self, state=None):
+    def __init__(self, state=None, shape="step"):
         self.optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
-        self.sched = AutoDecayLR(self.optimizer, **SPIKE_SHAPE)
+        self.sched = AutoDecayLR(self.optimizer, **{**SPIKE_SHAPE, "decay_shape": shape})
         if state is not None:
             self.sched.load_state_dict(json.loads(json.dumps(state)))  # as a checkpoint file holds it
         self.bucket_size = self.sched.detector.bucket_size
@@ -106,33 +106,6 @@ def test_spike_grid_five_seeds(run, every):
     check_grid(outcomes, run().bucket_size)
 
 
-class DetectorRun:
-    """The detector itself, one loss at a time: what every face feeds it, for either shape."""
-
-    def __init__(self, shape, state=None):
-        self.detector = StageDetector(**{**SPIKE_SHAPE, "decay_shape": shape})
-        if state is not None:
-            self.detector.load_state_dict(json.loads(json.dumps(state)))
-        self.bucket_size = self.detector.bucket_size
-
-    def feed(self, losses):
-        for loss in losses:
-            if self.detector.finished:
-                return
-            self.detector.observe(loss)
-
-    @property
-    def finished(self):
-        return self.detector.finished
-
-    @property
-    def decisions(self):
-        return [(h["update"], h["action"]) for h in self.detector.history]
-
-    def save(self):
-        return self.detector.state_dict()
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("shape", ["step", "cooldown"])
 @pytest.mark.parametrize("tau", [150.0, 300.0])
@@ -140,8 +113,8 @@ def test_spike_grid_on_runs_that_plateau_before_the_budget(shape, tau):
     """Where a spike meets the very test that ends a stage. Measured at every bucket (README): with 2% noise
     0.5-3.0% of the spiked runs move a decision beyond two buckets; with 10% noise up to 7.8%."""
     curve = functools.partial(plateau_curve, tau=tau, noise=0.02)
-    outcomes = spike_grid(Face(functools.partial(DetectorRun, shape)), every=3, curve=curve)
-    check_grid(outcomes, DetectorRun(shape).bucket_size)
+    outcomes = spike_grid(Face(lambda state=None: SchedulerRun(state, shape)), every=3, curve=curve)
+    check_grid(outcomes, SchedulerRun(shape=shape).bucket_size)
 
 
 @pytest.mark.parametrize("shape, expected", [
