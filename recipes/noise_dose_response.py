@@ -43,6 +43,7 @@ data-parallel over all of them (the update and its micro-batches split between t
 Writes into `output_dir`: each run's folder (`lr{lr}_m{momentum}_w{warmup}/batch{B}/seed{s}/`: metrics.jsonl,
 summary.json with every update's loss), `summary.json`, `noise_dose_response.md` (the tables) and the figure.
 """
+import itertools
 import json
 import math
 import os
@@ -53,11 +54,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from engine.config import ConfigError, load_config
+from engine.dose_response_report import dose_table, plot_dose_response, sweep_table
 from engine.loop import saved_run, train_run
 from engine.schedules import Schedule, current_lr
 from engine.study import run_in_pool
 from engine.study_statistics import (
-    binned, bootstrap_interval, first_spike, peak_rise, slope_interval, spearman_trend, transition_log_ratio,
+    bootstrap_interval, first_spike, peak_rise, slope_interval, spearman_trend, transition_log_ratio,
 )
 from engine.tasks import ImageTask, make_task
 from engine.train_config import TrainConfig
@@ -72,6 +74,7 @@ class DoseResponseConfig(TrainConfig):
     lrs: list[float] = field(default_factory=lambda: [0.1])  # the settings: lrs x momenta x warmup_fractions ...
     momenta: list[float] = field(default_factory=lambda: [0.9])  # ... one: the study; several: the sweep
     warmup_fractions: list[float] = field(default_factory=lambda: [0.05])  # linear warmup from 0, share of a run
+    clip_grad_norms: list[float] = field(default_factory=lambda: [0.0])  # ... x the gradient's largest norm (0: none)
     batch_sizes: list[int] = field(default_factory=lambda: [32, 128, 512, 2000, 8000])  # >= N: full batch
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
     min_epochs: float = 8.0  # every run sees the training set at least this many times ...
@@ -94,9 +97,11 @@ class FractionSchedule(Schedule):
     """A linear warmup, then x`decay_rate` at fractions of a run of `updates` updates, which it ends;
     keeps every update's loss (a float per update)."""
 
-    def __init__(self, updates: int, warmup_fraction: float, decay_fractions: list, decay_rate: float):
+    def __init__(self, updates: int, warmup_fraction: float, decay_fractions: list, decay_rate: float,
+                 clip_grad_norm: float = 0.0):
         super().__init__()
-        self.updates, self.decay_rate = updates, decay_rate
+        self.updates, self.decay_rate, self.clip_grad_norm = updates, decay_rate, clip_grad_norm
+        self.clipped = 0  # updates whose gradient norm the clip cut (a device tensor while training)
         self.warmup_updates = max(1, round(warmup_fraction * updates)) if warmup_fraction > 0 else 0
         self.decay_updates = [round(fraction * updates) for fraction in decay_fractions]
         self.losses, self.base_lr = [], None
@@ -112,6 +117,9 @@ class FractionSchedule(Schedule):
 
     def start(self, optimizer, updates_per_epoch, total_updates):
         super().start(optimizer, updates_per_epoch, total_updates)
+        if self.clip_grad_norm:  # on the optimizer that steps (Accelerate wraps it), right before its step
+            inner = getattr(optimizer, "optimizer", optimizer)
+            inner.register_step_pre_hook(lambda *_: self._clip(inner))
         self.base_lr = self.base_lr or current_lr(optimizer)
         self._set_lr()
         self._last_lr = current_lr(optimizer)
@@ -128,30 +136,39 @@ class FractionSchedule(Schedule):
         self._last_lr = current_lr(self.optimizer)
         return len(self.losses) >= self.updates
 
+    def _clip(self, optimizer) -> None:
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm)
+        self.clipped = self.clipped + (norm > self.clip_grad_norm)  # summed on the device, read at the end
+
     def state_dict(self):
-        return {**super().state_dict(), "losses": list(self.losses), "base_lr": self.base_lr}
+        return {**super().state_dict(), "losses": list(self.losses), "base_lr": self.base_lr,
+                "clipped": int(self.clipped)}
 
     def load_state_dict(self, state):
         super().load_state_dict(state)
-        self.losses, self.base_lr = list(state["losses"]), state["base_lr"]
+        self.losses, self.base_lr, self.clipped = list(state["losses"]), state["base_lr"], state.get("clipped", 0)
 
     def summary(self):
+        clip = {"clip_grad_norm": self.clip_grad_norm, "clipped_updates": int(self.clipped)} if self.clip_grad_norm \
+            else {}
         return {"update_losses": self.losses, "planned_updates": self.updates, "decay_updates": self.decay_updates,
-                "warmup_updates": self.warmup_updates}
+                "warmup_updates": self.warmup_updates, **clip}
 
 
 # ----------------------------------------------------------------------------------------------
 # Runs
 # ----------------------------------------------------------------------------------------------
 def settings(cfg: DoseResponseConfig) -> list[dict]:
-    """The grid lrs x momenta x warmup_fractions, each with its name and folder."""
+    """The grid lrs x momenta x warmup_fractions x clip_grad_norms, each with its name and folder (a clip only
+    where there is one: the runs without keep their names and folders)."""
     grid = []
-    for lr in cfg.lrs:
-        for momentum in cfg.momenta:
-            for warmup in cfg.warmup_fractions:
-                grid.append({"lr": lr, "momentum": momentum, "warmup_fraction": warmup,
-                             "name": f"lr {lr:g}, momentum {momentum:g}, warmup {warmup:g}",
-                             "folder": f"lr{lr:g}_m{momentum:g}_w{warmup:g}"})
+    for lr, momentum, warmup, clip in itertools.product(cfg.lrs, cfg.momenta, cfg.warmup_fractions,
+                                                        cfg.clip_grad_norms):
+        name, folder = f"lr {lr:g}, momentum {momentum:g}, warmup {warmup:g}", f"lr{lr:g}_m{momentum:g}_w{warmup:g}"
+        grid.append({"lr": lr, "momentum": momentum, "warmup_fraction": warmup, "clip_grad_norm": clip,
+                     "name": name + (f", clip {clip:g}" if clip else ""),
+                     "folder": folder + (f"_c{clip:g}" if clip else "")})
     return grid
 
 
@@ -169,7 +186,7 @@ def run_plan(cfg: DoseResponseConfig, train_size: int, processes: int = 1) -> li
                 raise ConfigError(f"micro_batch: {cfg.micro_batch} gives {processes} x {micro} micro-batches, which "
                                   f"do not split the {train_size} training samples evenly (full batch)")
             schedule = {"warmup_fraction": setting["warmup_fraction"], "decay_fractions": cfg.decay_fractions,
-                        "decay_rate": cfg.decay_rate}
+                        "decay_rate": cfg.decay_rate, "clip_grad_norm": setting["clip_grad_norm"]}
             for seed in cfg.seeds:
                 run_cfg = TrainConfig(**{f.name: getattr(cfg, f.name) for f in fields(TrainConfig)})
                 run_cfg = replace(
@@ -179,6 +196,7 @@ def run_plan(cfg: DoseResponseConfig, train_size: int, processes: int = 1) -> li
                     output_dir=str(Path(cfg.output_dir) / setting["folder"] / f"batch{size}" / f"seed{seed}"),
                 )
                 plans.append({"setting": setting["name"], "lr": setting["lr"], "momentum": setting["momentum"],
+                              "clip_grad_norm": setting["clip_grad_norm"],
                               "warmup_fraction": setting["warmup_fraction"], "batch_size": size, "seed": seed,
                               "updates": updates, "noise_scale": setting["lr"] * train_size / size,
                               "full_batch": full_batch, "schedule": schedule, "cfg": run_cfg})
@@ -188,7 +206,8 @@ def run_plan(cfg: DoseResponseConfig, train_size: int, processes: int = 1) -> li
 def _record(plan: dict, summary: dict, reused: bool) -> dict:
     return {**{k: v for k, v in plan.items() if k not in ("cfg", "schedule")}, "test_top1": summary["test_top1"],
             "epochs": summary["epochs"], "wall_seconds": summary["wall_seconds"], "reused": reused,
-            "losses": summary["update_losses"], "output_dir": plan["cfg"].output_dir}
+            "losses": summary["update_losses"], "output_dir": plan["cfg"].output_dir,
+            "clipped_updates": summary.get("clipped_updates", 0)}
 
 
 def saved_result(plan: dict):
@@ -196,7 +215,8 @@ def saved_result(plan: dict):
     schedule (see `saved_run`); None when it has to be trained."""
     saved = saved_run(plan["cfg"])
     expected = FractionSchedule(plan["updates"], **plan["schedule"]).summary()
-    if saved is None or any(saved.get(key) != value for key, value in expected.items() if key != "update_losses"):
+    if saved is None or any(saved.get(key) != value for key, value in expected.items()
+                                if key not in ("update_losses", "clipped_updates")):
         return None
     return _record(plan, saved, reused=True)
 
@@ -256,6 +276,7 @@ def _cell(cell: list[dict], resamples: int) -> dict:
         "loss_before_decay_median": float(np.median(losses)) if losses else None,
         "peak_rise_max": max(run["peak_rise"] for run in cell),
         "test_top1_mean": float(np.mean([run["test_top1"] for run in cell])),
+        "clipped_share": float(np.mean([run.get("clipped_updates", 0) / run["updates"] for run in cell])),
         "failures": {run["seed"]: run["failures"] for run in cell if run["failures"]},
     }
 
@@ -277,7 +298,8 @@ def statistics(runs: list[dict], cfg: DoseResponseConfig) -> dict:
             for x, run in zip(log2_noise, stable):
                 groups.setdefault(x, []).append(run["log_ratio"])
             trend["slope_per_doubling"] = slope_interval(groups, min(cfg.resamples, 2000))
-        by_setting[setting["name"]] = {**{k: setting[k] for k in ("lr", "momentum", "warmup_fraction")},
+        by_setting[setting["name"]] = {**{k: setting[k] for k in ("lr", "momentum", "warmup_fraction",
+                                                                   "clip_grad_norm")},
                                        "cells": cells, "trend": trend}
     return by_setting
 
@@ -290,105 +312,6 @@ def choose_setting(by_setting: dict):
     full_rise = {name: max(cell["peak_rise_max"] for cell in value["cells"] if cell["full_batch"])
                  for name, value in stable.items() if any(cell["full_batch"] for cell in value["cells"])}
     return min(full_rise, key=full_rise.get) if full_rise else None
-
-
-# ----------------------------------------------------------------------------------------------
-# Tables, figure, study
-# ----------------------------------------------------------------------------------------------
-def _number(value, digits: int = 2, signed: bool = False) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    return f"{value:+.{digits}f}" if signed else f"{value:.{digits}f}"
-
-
-def sweep_table(by_setting: dict) -> str:
-    """Markdown: a row per setting of the sweep, the chosen one in bold."""
-    chosen = choose_setting(by_setting)
-    sizes = [cell["batch_size"] for cell in next(iter(by_setting.values()))["cells"]]
-    lines = [f"| lr | momentum | warmup | unstable runs | full batch stable | loss before decay, median, B = "
-             f"{' / '.join(map(str, sizes))} | S, mean of stable, B = {' / '.join(map(str, sizes))} "
-             f"| full batch: largest rise |", "|---" * 8 + "|"]
-    for name, value in by_setting.items():
-        cells = value["cells"]
-        full = [cell for cell in cells if cell["full_batch"]]
-        mark = "**" if name == chosen else ""
-        full_stable = ", ".join(f"{c['stable']}/{c['runs']}" for c in full) or "-"
-        rise = ", ".join(f"{c['peak_rise_max']:.2f}x" for c in full) or "-"
-        lines.append(
-            f"| {mark}{value['lr']:g}{mark} | {value['momentum']:g} | {value['warmup_fraction']:g} "
-            f"| {sum(c['runs'] - c['stable'] for c in cells)}/{sum(c['runs'] for c in cells)} | {full_stable} "
-            f"| {' / '.join(_number(c['loss_before_decay_median'], 3) for c in cells)} "
-            f"| {' / '.join(_number(c['log_ratio_mean'], signed=True) for c in cells)} | {rise} |")
-    verdict = f"chosen (bold): {chosen}" if chosen else "no setting trains every run stably"
-    return "\n".join(lines + ["", f"- {verdict}"])
-
-
-def dose_table(by_setting: dict) -> str:
-    """Markdown: a row per (setting, batch size), the trend per setting, the unstable runs."""
-    lines = ["| setting | batch | noise scale lr·N/B | updates (epochs) | stable | loss before decay (median) "
-             "| log-ratio S, mean [95% CI] | S per seed ((S): unstable) | test top-1 (%) |", "|---" * 9 + "|"]
-    notes = []
-    for name, value in by_setting.items():
-        for cell in value["cells"]:
-            per_seed = ", ".join(_number(s, signed=True) if stable else f"({_number(s, signed=True)})"
-                                 for s, stable in cell["log_ratios"].values())
-            low, high = (_number(cell[key], signed=True) for key in ("log_ratio_low", "log_ratio_high"))
-            lines.append(
-                f"| {name} | {cell['batch_size']} | {cell['noise_scale']:.3g} | {cell['updates']} "
-                f"({cell['epochs']:.3g}) | {cell['stable']}/{cell['runs']} "
-                f"| {_number(cell['loss_before_decay_median'], 3)} "
-                f"| {_number(cell['log_ratio_mean'], signed=True)} [{low}, {high}] | {per_seed} "
-                f"| {cell['test_top1_mean']:.1f} |")
-            notes += [f"- unstable: {name}, batch {cell['batch_size']}, seed {seed}: {'; '.join(why)}"
-                      for seed, why in cell["failures"].items()]
-        trend = value["trend"]
-        if trend:
-            slope = trend["slope_per_doubling"]
-            notes.append(f"- trend at {name}: Spearman rho of S with the noise scale {trend['rho']:+.2f} "
-                         f"(permutation p = {trend['p_value']:.2g}, {trend['count']} stable runs); slope "
-                         f"{slope['slope']:+.3f} per doubling [{slope['low']:+.3f}, {slope['high']:+.3f}]")
-    return "\n".join(lines + [""] + (notes or ["- every run trained stably"]))
-
-
-def plot_dose_response(runs: list[dict], by_setting: dict, cfg: DoseResponseConfig, path: Path) -> None:
-    """Left: S against the noise scale (a dot per stable run, the mean and its bootstrap interval) per setting;
-    right: the binned training loss of the first setting's first seed per batch size against the share of the run."""
-    import matplotlib
-    from matplotlib.figure import Figure
-
-    figure = Figure(figsize=(12, 4.6), layout="constrained")
-    dose_axes, loss_axes = figure.subplots(1, 2)
-    colours = matplotlib.colormaps["tab10"].colors
-    for index, (name, value) in enumerate(by_setting.items()):
-        cells = [cell for cell in value["cells"] if cell["log_ratio_mean"] is not None]
-        stable = [run for run in runs if run["setting"] == name and run["stable"]]
-        colour = colours[index % len(colours)]
-        dose_axes.plot([r["noise_scale"] for r in stable], [r["log_ratio"] for r in stable], ".", alpha=0.5,
-                       color=colour)
-        means = [cell["log_ratio_mean"] for cell in cells]
-        errors = [[m - cell["log_ratio_low"] for m, cell in zip(means, cells)],
-                  [cell["log_ratio_high"] - m for m, cell in zip(means, cells)]]
-        dose_axes.errorbar([cell["noise_scale"] for cell in cells], means, yerr=np.nan_to_num(errors), marker="o",
-                           capsize=3, color=colour, label=f"{name}: mean, 95% bootstrap interval")
-    dose_axes.axhline(0, color="grey", linewidth=1)
-    dose_axes.set(xscale="log", xlabel="noise scale lr·N/B (right: small batches; left end: full batch)",
-                  ylabel="transition log-ratio S at the first decay", title="dose-response")
-    dose_axes.legend(fontsize=7)
-    first = [run for run in runs if run["setting"] == next(iter(by_setting)) and run["seed"] == runs[0]["seed"]]
-    for index, run in enumerate(first):
-        bins = binned(run["losses"], cfg.bin_fraction)
-        label = "full batch" if run["full_batch"] else f"batch {run['batch_size']}"
-        loss_axes.plot([(k + 1) * cfg.bin_fraction for k in range(len(bins))], bins,
-                       color=matplotlib.colormaps["viridis"](index / max(1, len(first) - 1)),
-                       label=f"{label} ({run['updates']} updates){'' if run['stable'] else ', unstable'}")
-    for at in cfg.decay_fractions:
-        loss_axes.axvline(at, color="grey", linestyle=":", linewidth=1)
-    loss_axes.set(yscale="log", xlabel="share of the run (dotted: LR decays)", ylabel="training loss (bin mean)",
-                  title=f"{next(iter(by_setting))}, seed {runs[0]['seed'] if runs else ''}")
-    loss_axes.legend(fontsize=8)
-    for axes in (dose_axes, loss_axes):
-        axes.grid(alpha=0.3)
-    figure.savefig(path, dpi=120)
 
 
 def train_all(cfg: DoseResponseConfig, show) -> list[dict]:
@@ -428,7 +351,7 @@ def main(argv=None) -> dict:
 
     runs = measure(train_all(cfg, show), cfg)
     by_setting = statistics(runs, cfg)
-    sweep = sweep_table(by_setting) if len(by_setting) > 1 else ""
+    sweep = sweep_table(by_setting, choose_setting(by_setting)) if len(by_setting) > 1 else ""
     table = "\n\n".join(filter(None, [sweep, dose_table(by_setting)]))
     result = {"runs": runs, "by_setting": by_setting, "chosen": choose_setting(by_setting), "table": table}
     if not main_process:

@@ -267,6 +267,17 @@ def write_summary(run: Run, summary: dict) -> None:
         )
 
 
+def same_config(saved, cfg) -> bool:
+    """True when a run saved with config ``saved`` is the run ``cfg`` describes: the same values, where a key
+    added to the config since (absent from ``saved``) counts as the same only at its default."""
+    if not isinstance(saved, dict):
+        return False
+    current = json.loads(json.dumps(dataclasses.asdict(cfg)))
+    added = {f.name for f in dataclasses.fields(cfg)} - set(saved)
+    defaults = json.loads(json.dumps({name: getattr(type(cfg)(), name) for name in added}))
+    return {**defaults, **saved} == current
+
+
 def saved_run(cfg) -> typing.Optional[dict]:
     """The finished run `cfg` describes, as `train_run` returns it, read back from its `summary.json` and
     `metrics.jsonl` in `cfg.output_dir`; None unless the run there is complete and had exactly this config."""
@@ -277,9 +288,9 @@ def saved_run(cfg) -> typing.Optional[dict]:
     except (OSError, ValueError):
         return None
     curves = [json.loads(line) for line in lines]
-    same_config = summary.get("config") == json.loads(json.dumps(dataclasses.asdict(cfg)))
+    matches = same_config(summary.get("config"), cfg)
     whole = bool(curves) and curves[-1]["updates"] == summary.get("updates")
-    return {**summary, "curves": curves} if summary.get("complete") and same_config and whole else None
+    return {**summary, "curves": curves} if summary.get("complete") and matches and whole else None
 
 
 def train_run(cfg, schedule: Schedule = None) -> dict:
