@@ -112,35 +112,39 @@ def test_bootstrap_and_trend_statistics():
 
 
 def test_noise_dose_response_smoke(tmp_path):
-    """A sweep on tiny settings (momentum x warmup, 2 each; batch sizes up to the full training set, each with
-    its own number of updates, the schedule in shares of the run): the statistic, the stability verdicts, the
+    """A sweep on tiny settings (momentum x gradient clip, 2 each; batch sizes up to the full training set, each
+    with its own number of updates, the schedule in shares of the run): the statistic, the stability verdicts, the
     sweep's table and choice, the figure; run again, every finished run is read back, none trained."""
     command = (
         sys.executable, str(RECIPES / "noise_dose_response.py"), "--config", str(CONFIGS / "noise_dose_response.yaml"),
         "--num_samples", "500", "--train_subset", "0", "--batch_sizes", "25", "400", "--seeds", "0", "--lrs", "0.1",
-        "--momenta", "0", "0.9", "--warmup_fractions", "0.05", "0.2", "--min_epochs", "2", "--min_updates", "10",
-        "--micro_batch", "200", "--resamples", "200", "--jobs", "1", "--output_dir", str(tmp_path),
+        "--momenta", "0", "0.9", "--warmup_fractions", "0.2", "--clip_grad_norms", "0", "0.5", "--min_epochs", "2",
+        "--min_updates", "10", "--micro_batch", "200", "--resamples", "200", "--jobs", "1",
+        "--output_dir", str(tmp_path),
     )
     finished = run(*command)
     summary = json.loads((tmp_path / "summary.json").read_text())
-    runs = {(r["lr"], r["momentum"], r["warmup_fraction"], r["batch_size"]): r for r in summary["runs"]}
+    runs = {(r["momentum"], r["clip_grad_norm"], r["batch_size"]): r for r in summary["runs"]}
     assert len(runs) == len(summary["runs"]) == 8 and {r["seed"] for r in summary["runs"]} == {0}
-    assert runs[0.1, 0.9, 0.2, 25]["updates"] == 32 and not runs[0.1, 0.9, 0.2, 25]["full_batch"]  # 2 epochs of 16
-    full = runs[0.1, 0.9, 0.2, 400]
+    assert runs[0.9, 0, 25]["updates"] == 32 and not runs[0.9, 0, 25]["full_batch"]  # 2 epochs of 16
+    full = runs[0.9, 0, 400]
     assert full["updates"] == 10 and full["full_batch"]  # min_updates; 400 = all training samples
-    assert full["noise_scale"] == pytest.approx(0.1) and runs[0.1, 0.9, 0.2, 25]["noise_scale"] == pytest.approx(1.6)
+    assert full["noise_scale"] == pytest.approx(0.1) and runs[0.9, 0, 25]["noise_scale"] == pytest.approx(1.6)
     run_summary = json.loads((tmp_path / "lr0.1_m0.9_w0.2" / "batch400" / "seed0" / "summary.json").read_text())
     assert run_summary["updates"] == 10 and len(run_summary["update_losses"]) == 10
     assert run_summary["decay_updates"] == [5, 8] and run_summary["decay_epochs"] == [5.0, 8.0]  # shares 0.5, 0.75
     assert run_summary["warmup_updates"] == 2 and run_summary["config"]["momentum"] == 0.9
-    assert json.loads((tmp_path / "lr0.1_m0_w0.05" / "batch25" / "seed0" / "summary.json").read_text())[
+    assert json.loads((tmp_path / "lr0.1_m0_w0.2" / "batch25" / "seed0" / "summary.json").read_text())[
         "config"]["momentum"] == 0.0
+    clipped = json.loads((tmp_path / "lr0.1_m0.9_w0.2_c0.5" / "batch25" / "seed0" / "summary.json").read_text())
+    assert clipped["clip_grad_norm"] == 0.5 and 0 < clipped["clipped_updates"] <= clipped["updates"]
+    assert "clip_grad_norm" not in run_summary  # a run without a clip keeps its earlier summary and folder
     for r in summary["runs"]:
         assert r["stable"] == (not r["failures"]) and math.isfinite(r["log_ratio"]) and not r["reused"]
     assert len(summary["by_setting"]) == 4 and summary["chosen"] in set(summary["by_setting"]) | {None}
     cells = summary["by_setting"]["lr 0.1, momentum 0.9, warmup 0.2"]["cells"]
     assert [cell["batch_size"] for cell in cells] == [25, 400]
-    assert "| lr | momentum | warmup | unstable runs |" in finished.stdout
+    assert "| lr | momentum | warmup | clip | unstable runs |" in finished.stdout
     assert "| lr 0.1, momentum 0.9, warmup 0.2 | 400 | 0.1 | 10 (10) |" in finished.stdout
     assert (tmp_path / "noise_dose_response.png").stat().st_size > 0
     again = run(*command)
