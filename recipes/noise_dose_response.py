@@ -304,11 +304,16 @@ def statistics(runs: list[dict], cfg: DoseResponseConfig) -> dict:
     return by_setting
 
 
+MAX_CLIPPED_SHARE = 0.5  # a clip that cuts more updates than this is the step, not a guard: the dose is not lr x N/B
+
+
 def choose_setting(by_setting: dict):
-    """The sweep's choice: among the settings with no unstable run, the one whose full-batch runs rise least
-    over their running minimum (the widest margin to the spike criterion); None when no setting qualifies."""
+    """The sweep's choice: among the settings with no unstable run whose clip (if any) cuts at most
+    ``MAX_CLIPPED_SHARE`` of any batch size's updates, the one whose full-batch runs rise least over their
+    running minimum (the widest margin to the spike criterion); None when no setting qualifies."""
     stable = {name: value for name, value in by_setting.items()
-              if all(cell["stable"] == cell["runs"] for cell in value["cells"])}
+              if all(cell["stable"] == cell["runs"] and cell["clipped_share"] <= MAX_CLIPPED_SHARE
+                     for cell in value["cells"])}
     full_rise = {name: max(cell["peak_rise_max"] for cell in value["cells"] if cell["full_batch"])
                  for name, value in stable.items() if any(cell["full_batch"] for cell in value["cells"])}
     return min(full_rise, key=full_rise.get) if full_rise else None
