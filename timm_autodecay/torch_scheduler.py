@@ -250,8 +250,11 @@ class AutoDecayLR(FollowsDetector, LRScheduler):
 
     def _join_new_groups(self, update: int) -> None:
         """A param group added since the LRs were set for ``update`` joins at its LR (``lr_rules``)."""
+        joining = self.optimizer.param_groups[len(self.base_lrs):]
+        if not joining:  # every update but the one after add_param_group: nothing to compute
+            return
         factor = self.detector.lr_at(update, 1.0, self.decay_rate, self.floor_share)
-        for group in self.optimizer.param_groups[len(self.base_lrs):]:
+        for group in joining:
             group.setdefault("initial_lr", float(group["lr"]))
             self.base_lrs.append(joining_initial_lr(float(group["lr"]), factor))
             if self.cooldown_lrs is not None:
