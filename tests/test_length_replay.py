@@ -43,7 +43,11 @@ def replayer():
 
 
 def test_a_peak_ends_the_stable_phase_and_the_length_is_read_off_the_frontier(replayer):
-    result = replayer.replay_task(wsd_runs(0) + wsd_runs(1), "mnist1d", "val_top1", replayer.scale, {}, max_epochs=15)
+    trained = {"peer": "autodecay_eval", "task": "mnist1d", "seed": 1, "paired_with": "", "epochs": 13.75,
+               "test_top1": 94.0}
+    result = replayer.replay_task(wsd_runs(0) + wsd_runs(1) + [trained], "mnist1d", "val_top1", replayer.scale, {},
+                                  max_epochs=15)
+    assert [seed["trained"] for seed in result["seeds"]] == [None, (13.75, 94.0)]
     for seed in result["seeds"]:
         # Medians of three peak at evaluation 7 (79); a third of the evaluations without a new best first reaches
         # 4 at evaluation 11. The cooldown makes it 11 / 0.8 = 13.75 epochs, between WSD's 12 (95) and 18 (93).

@@ -69,9 +69,16 @@ def oracle(points: list[tuple], max_epochs: float, higher_is_better: bool) -> tu
     return (max if higher_is_better else min)(within, key=lambda point: point[1])
 
 
+def measured(runs: list[dict], task: str, score: str) -> dict:
+    """Per seed, the `autodecay_eval` run the benchmark trained, when it did: (epochs, score)."""
+    return {run["seed"]: (run["epochs"], run[score]) for run in runs if run.get("peer") == "autodecay_eval"
+            and not run.get("paired_with") and run.get("task") == task}
+
+
 def replay_task(runs: list[dict], task: str, eval_metric: str, scale, settings: dict, max_epochs: float) -> dict:
-    """Each seed's replayed length and score, the per-seed oracle within `max_epochs`, and their means."""
-    seeds = []
+    """Each seed's replayed length and score (beside the `autodecay_eval` run trained, where there is one), the
+    per-seed oracle within `max_epochs`, and their means."""
+    seeds, trained = [], measured(runs, task, scale.score)
     for seed, frontier in frontier_by_seed(runs, task, scale.score).items():
         end = stable_end(frontier["trunk"], eval_metric, settings)
         budget_epochs = end["budget"] / end["per_epoch"]
@@ -81,7 +88,8 @@ def replay_task(runs: list[dict], task: str, eval_metric: str, scale, settings: 
         best_epochs, best_score = oracle(frontier["points"], max_epochs, scale.higher_is_better)
         seeds.append({"seed": seed, "stable_end_epoch": None if end["update"] is None else end["update"] / end[
             "per_epoch"], "epochs": epochs, "score": score, "inside_frontier": inside,
-            "oracle_epochs": best_epochs, "oracle_score": best_score, "frontier": frontier["points"]})
+            "oracle_epochs": best_epochs, "oracle_score": best_score, "frontier": frontier["points"],
+            "trained": trained.get(seed)})
     return {"task": task, "max_epochs": max_epochs, "seeds": seeds,
             "epochs_mean": statistics.mean(s["epochs"] for s in seeds),
             "score_mean": statistics.mean(s["score"] for s in seeds),
@@ -103,16 +111,20 @@ def markdown(replays: list[dict], scale, settings: dict) -> str:
     digits = scale.digits
     lines = ["# Stopping rule replayed on the WSD trunk", "",
              f"Detector settings: {settings or 'the defaults'}; the evaluation signal on, as `autodecay_eval` runs it.",
-             "", f"| task | seed | stable phase ends (epoch) | run length (epochs) | {scale.title} read off WSD | "
-             "per-seed oracle within the bound |", "|---|---|---|---|---|---|"]
+             "The training-loss rule sees one mean per epoch here (a run sees buckets of a few updates): a stable "
+             "phase the loss ended mid-epoch may end later in the replay.", "",
+             f"| task | seed | stable phase ends (epoch) | run length (epochs) | {scale.title} read off WSD | "
+             "autodecay_eval as trained (epochs, score) | per-seed oracle within the bound |",
+             "|---|---|---|---|---|---|---|"]
     for result in replays:
         for s in result["seeds"]:
             end = "never (budget)" if s["stable_end_epoch"] is None else f"{s['stable_end_epoch']:.1f}"
+            trained = "-" if s["trained"] is None else f"{s['trained'][0]:.1f}, {s['trained'][1]:.{digits}f}"
             lines.append(f"| {result['task']} | {s['seed']} | {end} | {s['epochs']:.1f} | {s['score']:.{digits}f}"
                          f"{'' if s['inside_frontier'] else ' (outside the frontier: its nearest point)'} | "
-                         f"{s['oracle_score']:.{digits}f} at {s['oracle_epochs']:.1f} |")
+                         f"{trained} | {s['oracle_score']:.{digits}f} at {s['oracle_epochs']:.1f} |")
         lines.append(f"| {result['task']} | **mean** | | {result['epochs_mean']:.1f} | "
-                     f"**{result['score_mean']:.{digits}f}** | **{result['oracle_score_mean']:.{digits}f}** within "
+                     f"**{result['score_mean']:.{digits}f}** | | **{result['oracle_score_mean']:.{digits}f}** within "
                      f"{result['max_epochs']:g} epochs |")
     return "\n".join(lines) + "\n"
 
