@@ -58,7 +58,7 @@ def main(argv=None) -> dict:
     (output / "length_replay.json").write_text(json.dumps(summary, indent=1))
     table = markdown(replays, scale, settings)
     (output / "length_replay.md").write_text(table)
-    plot(replays, scale, output / "length_replay.png")
+    plot(replays, scale, output / "length_replay.png", args.results.parent.name)
     print(table)
     return summary
 

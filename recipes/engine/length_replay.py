@@ -129,7 +129,7 @@ def markdown(replays: list[dict], scale, settings: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot(replays: list[dict], scale, path) -> None:
+def plot(replays: list[dict], scale, path, source: str) -> None:
     """Per task: the seeds' mean WSD frontier, each seed's replayed point and its oracle point within the bound."""
     from matplotlib.figure import Figure
 
@@ -144,7 +144,11 @@ def plot(replays: list[dict], scale, path) -> None:
         bound = f"per-seed oracle within {result['max_epochs']:g} (mean {result['oracle_score_mean']:.{scale.digits}f})"
         axis.plot([s["oracle_epochs"] for s in result["seeds"]], [s["oracle_score"] for s in result["seeds"]], "*",
                   color="tab:green", markersize=10, label=bound)
+        trained = [s["trained"] for s in result["seeds"] if s["trained"]]
+        if trained:
+            axis.plot(*zip(*trained), "o", markerfacecolor="none", color="tab:orange",
+                      label="autodecay_eval as trained")
         axis.axvline(result["max_epochs"], color="tab:red", linestyle=":", linewidth=1)
-        axis.set(title=result["task"], xlabel="epochs (run length)", ylabel=scale.title)
+        axis.set(title=f"{source}: {result['task']}", xlabel="epochs (run length)", ylabel=scale.title)
         axis.legend(fontsize=8)
     figure.savefig(path, dpi=120)
