@@ -9,7 +9,8 @@ them). For each task and seed, the full-budget WSD run's stable phase (its epoch
 `eval_metric` on the validation split) goes through the detector with the defaults and the `--setting`s; its
 stable-phase end, followed by the cooldown, is the run's length, and the same seed's WSD frontier at that length
 its score (AutoDecay with the cooldown shape is WSD at the length it picks: `engine/length_replay.py`). Beside it,
-each seed's best WSD point within `--max_epochs` (default: the budget): the bound for any rule that picks a length.
+each seed's best WSD point within `--max_epochs` (default: the budget): the bound for any rule that keeps every seed
+within that length.
 Writes `length_replay.json`, `length_replay.md` and `length_replay.png` into `--output_dir` (default: beside the
 results).
 """

@@ -7,7 +7,8 @@ WSD run holds that trunk's evaluations, epoch by epoch, and its WSD runs at ever
 cooldown from each point scores. So a rule can be judged without training: the trunk's training losses and
 evaluations go through the real detector (`timm_autodecay.replay`), its stable-phase end gives the run's length,
 and the same seed's WSD frontier, interpolated linearly between its points, gives its score. The per-seed oracle
-is the best WSD point each seed reached within a length: what any rule that picks a WSD length could reach there.
+is the best WSD point each seed reached within a length: what any rule that picks a WSD length and keeps every
+seed within that length could reach there.
 """
 from __future__ import annotations
 
@@ -64,7 +65,8 @@ def score_at(points: list[tuple], epochs: float) -> tuple[float, bool]:
 
 
 def oracle(points: list[tuple], max_epochs: float, higher_is_better: bool) -> tuple[float, float]:
-    """The best WSD point within `max_epochs` (its length, its score); a seed's bound for any rule there."""
+    """The best WSD point within `max_epochs` (its length, its score): a seed's bound for any rule that keeps it within
+    that length (a bar on the mean length over seeds leaves room to run one seed longer than another)."""
     within = [point for point in points if point[0] <= max_epochs + 1e-9] or points[:1]
     return (max if higher_is_better else min)(within, key=lambda point: point[1])
 
