@@ -21,7 +21,7 @@ from timm_autodecay import StageDetector
 from timm_autodecay.replay import replay
 
 from .config import ConfigError
-from .schedules import WSD
+from .schedules import WSD, metric_mode
 
 
 def frontier_by_seed(runs: list[dict], task: str, score: str) -> dict:
@@ -42,7 +42,7 @@ def stable_end(trunk: dict, eval_metric: str, settings: dict) -> dict:
     """The update at which the detector, fed the trunk's epochs (mean training loss, then the evaluation), ends the
     stable phase; None where it runs on to the trunk's end (the cooldown of the full budget)."""
     per_epoch, budget = trunk["updates_per_epoch"], trunk["updates"]
-    settings = {"eval_mode": "min" if "loss" in eval_metric else "max", **settings}
+    settings = {"eval_mode": metric_mode(eval_metric), **settings}
     detector = StageDetector(updates_per_epoch=per_epoch, total_updates=budget, **settings)
     wsd_cooldown = WSD().cooldown_fraction
     if (detector.decay_shape, detector.num_stages, detector.cooldown_fraction) != ("cooldown", 1, wsd_cooldown):
